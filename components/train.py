@@ -1,0 +1,37 @@
+"""train: one stage of the recipe (probe, partial or full); the stage name picks its defaults."""
+
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+def train(
+    stage: str,
+    prepared: Input[Dataset],
+    backbone: str,
+    weights: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    mlflow_experiment: str,
+    pipeline_run_id: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    init_model: Input[Model] = None,
+):
+    from pathlib import Path
+
+    from thaw.steps import train_step
+
+    result = train_step(
+        Path(prepared.path), Path(model.path), stage=stage,
+        settings={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed},
+        arch=backbone, weights=weights,
+        init_dir=Path(init_model.path) if init_model is not None else None,
+        experiment=mlflow_experiment, pipeline_run_id=pipeline_run_id,
+    )
+    for name, value in result["best_val"].items():
+        metrics.log_metric(f"val_{name}", value)
+    metrics.log_metric("best_epoch", result["best_epoch"])
+    metrics.log_metric("train_images_per_sec", result["train_images_per_sec"])
+    model.metadata.update({"stage": stage, "backbone": backbone,
+                           "best_epoch": result["best_epoch"], **result["best_val"]})

@@ -1,0 +1,1 @@
+"""Pipeline DAGs and their compile entry point (wiring only: no compute here)."""

@@ -1,0 +1,79 @@
+"""The compiled pipeline: the spec a person uploads in the Kubeflow UI."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.thaw_pipeline import compile_pipeline
+
+GOLDEN = Path(__file__).resolve().parents[2] / "pipelines" / "thaw_pipeline.yaml"
+STEPS = ["preprocess", "train", "train-2", "train-3", "evaluate", "register"]
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    path = compile_pipeline(tmp_path_factory.mktemp("compiled") / "p.yaml")
+    documents = list(yaml.safe_load_all(path.read_text()))
+    return {"pipeline": documents[0], "platform": documents[1], "text": path.read_text()}
+
+
+def _dag(spec):
+    return spec["pipeline"]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+
+
+def test_steps_and_their_order(spec):
+    tasks = _dag(spec)
+    assert sorted(tasks) == sorted(STEPS)
+    deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert deps["preprocess"] == set()
+    assert deps["train"] == {"preprocess"}
+    assert deps["train-2"] == {"preprocess", "train"}
+    assert deps["train-3"] == {"preprocess", "train-2"}
+    assert deps["evaluate"] == {"preprocess", "train", "train-2", "train-3"}
+    assert deps["register"] == {"evaluate"}
+    names = [tasks[t]["taskInfo"]["name"] for t in STEPS]
+    assert names[1].startswith("probe") and names[3].startswith("full")
+
+
+def test_exit_handler_closes_the_mlflow_run(spec):
+    root = spec["pipeline"]["root"]["dag"]["tasks"]
+    assert root["finalize"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["finalize"]["dependentTasks"] == ["exit-handler-1"]
+
+
+def test_training_requests_a_gpu_and_retries_and_caching_is_chosen(spec):
+    tasks = _dag(spec)
+    executors = spec["pipeline"]["deploymentSpec"]["executors"]
+    for name in ("train", "train-2", "train-3"):
+        task = tasks[name]
+        assert task["retryPolicy"]["maxRetryCount"] == 2
+        assert task["cachingOptions"] == {}  # caching off
+        executor = executors[spec["pipeline"]["components"][task["componentRef"]["name"]]
+                             ["executorLabel"]]
+        assert executor["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    assert tasks["preprocess"]["cachingOptions"] == {"enableCache": True}
+    assert tasks["register"]["cachingOptions"] == {}
+
+
+def test_parameters_have_defaults_from_the_library(spec):
+    from thaw.config import DEFAULT_STAGES, PIPELINE_DEFAULTS
+
+    params = spec["pipeline"]["root"]["inputDefinitions"]["parameters"]
+    assert params["backbone"]["defaultValue"] == PIPELINE_DEFAULTS.backbone
+    assert params["full_lr"]["defaultValue"] == DEFAULT_STAGES["full"].lr
+    assert params["promotion_margin"]["parameterType"] == "NUMBER_DOUBLE"
+
+
+def test_credentials_come_from_a_secret_and_never_appear(spec):
+    platform = spec["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for executor in platform.values():
+        assert executor["secretAsEnv"][0]["secretName"] == "thaw-s3-credentials"
+    assert "aws_secret_access_key:" not in spec["text"].lower()
+    for value in ("testing", "minioadmin", "thaw-local-secret"):
+        assert value not in spec["text"]
+
+
+def test_golden_yaml_is_up_to_date(spec):
+    """pipelines/thaw_pipeline.yaml is what users upload; regenerate with `make compile`."""
+    assert GOLDEN.read_text() == spec["text"], "stale golden YAML: run `make compile`"

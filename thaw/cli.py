@@ -1,0 +1,131 @@
+"""`thaw` command line: compile, run-local, demo, stack, prepare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from thaw.errors import ThawError
+
+LOCAL_ROOT = Path(".thaw")
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from pipelines.thaw_pipeline import compile_pipeline
+
+    path = compile_pipeline(args.output, image=args.image)
+    print(f"wrote {path} (image {args.image}): upload it in the Kubeflow UI")
+    return 0
+
+
+def _parameters(pairs: list[str]) -> dict[str, object]:
+    """``name=value`` pairs; values parsed as JSON where they parse (numbers), else strings."""
+    parameters: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise ThawError(f"parameter {pair!r} must look like name=value")
+        try:
+            parameters[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parameters[name] = value
+    return parameters
+
+
+def _print_outcome(outcome: dict) -> None:
+    from thaw.steps import summary_markdown
+
+    print("\n" + summary_markdown(outcome))
+    print(f"Serve it:  mlflow models serve -m '{outcome['model_uri']}'  "
+          f"(or models:/{outcome['model_name']}@champion)")
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    from thaw.local_run import run_local
+
+    outcome = run_local(_parameters(args.param), LOCAL_ROOT / "local_outputs")
+    _print_outcome(outcome)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from thaw.local_run import DEMO_PARAMETERS, run_local, upload_sample
+    from thaw.stack import stack_up
+
+    info = stack_up(LOCAL_ROOT / "stack")
+    os.environ.update(info.env())
+    print(f"stack up: S3 {info.s3_endpoint}, MLflow {info.tracking_uri}")
+    print(f"sample dataset uploaded to {upload_sample()}")
+    outcome = run_local({**DEMO_PARAMETERS, **_parameters(args.param)},
+                        LOCAL_ROOT / "local_outputs")
+    _print_outcome(outcome)
+    experiment = DEMO_PARAMETERS["mlflow_experiment"]
+    print(f"\nOpen the MLflow UI: {info.ui_url}  (experiment {experiment})"
+          "\nStop the local servers with: make stack-down")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from thaw.steps import preprocess_step
+
+    summary = preprocess_step(args.source, args.output, arch=args.backbone,
+                              image_size=args.image_size, seed=args.seed,
+                              max_bad_fraction=args.max_bad_fraction)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from components import DEFAULT_IMAGE
+    from thaw.config import PIPELINE_DEFAULTS as D
+    from thaw.stack import add_stack_commands
+
+    parser = argparse.ArgumentParser(prog="thaw", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compile_cmd = commands.add_parser("compile", help="write the pipeline YAML")
+    compile_cmd.add_argument("--output", type=Path, default=Path("thaw_pipeline.yaml"))
+    compile_cmd.add_argument("--image", default=os.environ.get("THAW_IMAGE", DEFAULT_IMAGE),
+                             help="container image the steps run in (env THAW_IMAGE)")
+    compile_cmd.set_defaults(func=_compile)
+
+    for name, func, help_text in (
+        ("run-local", _run_local, "run the pipeline here through kfp.local"),
+        ("demo", _demo, "stack up, upload the sample, run the pipeline, print the result"),
+    ):
+        cmd = commands.add_parser(name, help=help_text)
+        cmd.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                         help="pipeline parameter, e.g. --param full_epochs=2 (repeatable)")
+        cmd.set_defaults(func=func)
+
+    prepare = commands.add_parser("prepare", help="validate, split and resize a dataset")
+    prepare.add_argument("source", help="local folder, s3://bucket/prefix or idx folder")
+    prepare.add_argument("output", type=Path)
+    prepare.add_argument("--backbone", default=D.backbone)
+    prepare.add_argument("--image-size", type=int, default=D.image_size)
+    prepare.add_argument("--seed", type=int, default=D.seed)
+    prepare.add_argument("--max-bad-fraction", type=float, default=D.max_bad_fraction)
+    prepare.set_defaults(func=_prepare)
+
+    add_stack_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ThawError as err:
+        print(f"thaw: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""List a dataset source into labelled records.
+
+A source is a local folder or an `s3://` prefix (downloaded first) in ImageFolder layout,
+`<class>/<image>` or `train|val|test/<class>/<image>`, or a folder of Fashion-MNIST idx files.
+File records are read lazily; idx records carry their pixels. This module stays free of
+torch so that decoding worker processes start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from thaw import storage
+from thaw.data import fashion_mnist
+from thaw.data.images import BadImage, decode_image, resize_to_square
+from thaw.data.split import SPLITS
+from thaw.errors import ThawError
+
+
+@dataclass(frozen=True, eq=False)
+class Record:
+    """One labelled image: a file on disk, or pixels already in memory (idx sources)."""
+
+    path: str  # POSIX path relative to the source root: the name in reports and fingerprints
+    class_name: str
+    split: str | None  # the source's own split folder, None when the source is not split
+    file: Path | None = None
+    pixels: np.ndarray | None = None  # HxW or HxWx3 uint8
+
+    def content(self) -> bytes:
+        """The bytes that identify this image (file content, or the raw pixels)."""
+        if self.file is not None:
+            return self.file.read_bytes()
+        assert self.pixels is not None
+        return self.pixels.tobytes()
+
+
+@dataclass(frozen=True)
+class LoadedRecord:
+    sha256: str
+    image: np.ndarray | None  # size x size x 3 uint8, None when the file is bad
+    reason: str | None  # why the file was skipped
+
+
+def load_record(record: Record, size: int, interpolation: str, max_pixels: int) -> LoadedRecord:
+    """Hash, decode and resize one record (runs in a worker process)."""
+    data = record.content()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        if record.pixels is not None:
+            pixels = record.pixels
+            rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[:, :, None], 3, axis=2)
+        else:
+            rgb = decode_image(data, max_pixels=max_pixels)
+    except BadImage as exc:
+        return LoadedRecord(digest, None, exc.reason)
+    return LoadedRecord(digest, resize_to_square(rgb, size, interpolation), None)
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".") and path.name != "__MACOSX"
+
+
+def _children(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if _visible(p))
+
+
+def _class_records(root: Path, class_dir: Path, split: str | None) -> list[Record]:
+    records = []
+    stack = [class_dir]
+    while stack:
+        for child in _children(stack.pop()):
+            if child.is_dir():
+                stack.append(child)
+            elif child.is_file():
+                relative = child.relative_to(root).as_posix()
+                records.append(Record(relative, class_dir.name, split, file=child))
+    return records
+
+
+def _imagefolder_records(root: Path) -> list[Record]:
+    dirs = [p for p in _children(root) if p.is_dir()]
+    split_dirs = [p for p in dirs if p.name in SPLITS]
+    if split_dirs and len(split_dirs) != len(dirs):
+        others = sorted(p.name for p in dirs if p.name not in SPLITS)
+        raise ThawError(
+            f"mixed layout in {root}: split folders {[p.name for p in split_dirs]} next to "
+            f"class folders {others}; use either <class>/<image> or "
+            "train|val|test/<class>/<image>"
+        )
+    records: list[Record] = []
+    if split_dirs:
+        for split_dir in sorted(split_dirs, key=lambda p: SPLITS.index(p.name)):
+            for class_dir in _children(split_dir):
+                if class_dir.is_dir():
+                    records.extend(_class_records(root, class_dir, split_dir.name))
+    else:
+        for class_dir in dirs:
+            records.extend(_class_records(root, class_dir, None))
+    return records
+
+
+def _idx_records(root: Path) -> list[Record]:
+    records = []
+    for split in ("train", "test"):
+        if not fashion_mnist.has_split(root, split):
+            continue
+        images, labels = fashion_mnist.load_split(root, split)
+        for index, (pixels, label) in enumerate(zip(images, labels, strict=True)):
+            name = fashion_mnist.CLASS_NAMES[label]
+            records.append(Record(f"{split}/{index:05d}", name, split, pixels=pixels))
+    return records
+
+
+def list_source(source: str, workdir: Path) -> list[Record]:
+    """The records of `source` (local folder or `s3://` prefix; S3 is downloaded to workdir)."""
+    root = storage.materialize(source, workdir)
+    if not root.is_dir():
+        raise ThawError(f"dataset source {source} is not a folder")
+    if fashion_mnist.has_split(root, "train"):
+        return _idx_records(root)
+    return _imagefolder_records(root)

@@ -1,0 +1,66 @@
+"""Run one stage or evaluate one checkpoint from files: what the pipeline steps call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from thaw.backbones import create_backbone
+from thaw.checkpoint import load_checkpoint, model_from_checkpoint
+from thaw.config import StageConfig
+from thaw.data.prepared import PreparedDataset
+from thaw.errors import ThawError
+from thaw.evaluation import classification_metrics
+from thaw.training import StageResult, train_stage
+from thaw.training.feeds import ImageFeed
+from thaw.training.loop import EpochCallback, default_device
+
+
+def run_stage(
+    data: PreparedDataset,
+    cfg: StageConfig,
+    out_dir: Path,
+    *,
+    arch: str,
+    weights: str = "hub",
+    init_checkpoint: Path | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> StageResult:
+    """Train stage ``cfg`` starting from ``init_checkpoint`` (the previous stage's best:
+    gradual unfreezing) or, for the first stage, from ``arch`` with ``weights``."""
+    classes = data.manifest.classes
+    if init_checkpoint is not None:
+        payload = load_checkpoint(init_checkpoint)
+        if payload["meta"]["classes"] != classes:
+            raise ThawError(f"checkpoint {init_checkpoint} was trained on classes "
+                            f"{payload['meta']['classes']}, but the dataset has {classes}")
+        model = model_from_checkpoint(payload)
+    else:
+        model = create_backbone(arch, len(classes), weights)
+    return train_stage(model, data, cfg, out_dir, on_epoch_end=on_epoch_end)
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, data: PreparedDataset, split: str,
+                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels, class probabilities) of every image in ``split``."""
+    device = default_device()
+    model.to(device).eval()
+    feed = ImageFeed(model, data, device, batch_size=batch_size)
+    labels, probs = [], []
+    for x, y in feed.batches(split, train=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            probs.append(model(x).float().softmax(1).cpu().numpy())
+        labels.append(y.cpu().numpy())
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def evaluate_checkpoint(path: Path, data: PreparedDataset, split: str = "test") -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class report and confusion matrix of a checkpoint on ``split``."""
+    model = model_from_checkpoint(load_checkpoint(path))
+    y_true, probs = predict_split(model, data, split)
+    return classification_metrics(y_true, probs.argmax(1), data.manifest.classes, detailed=True)

@@ -1,0 +1,153 @@
+"""The pipeline's steps as plain functions over local paths: KFP components call these and
+nothing else, so every step runs and is tested without Kubeflow.
+
+MLflow: each training step opens a nested run under the pipeline run's parent run (found or
+created by the pipeline run id); evaluate adds test metrics to each stage's run; register
+picks the best stage by validation and applies the champion gate.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+from thaw import tracking
+from thaw.backbones import data_config
+from thaw.config import STAGE_NAMES, stage_config
+from thaw.data.prepare import prepare_dataset
+from thaw.data.prepared import open_prepared
+from thaw.errors import ThawError
+
+STAGE_RUN_FILE = "stage_run.json"
+OUTCOME_FILE = "outcome.json"
+
+
+def preprocess_step(data_uri: str, out_dir: Path, *, arch: str, image_size: int, seed: int,
+                    max_bad_fraction: float) -> dict[str, Any]:
+    """Validate, split and resize the source once into a prepared dataset."""
+    with tempfile.TemporaryDirectory() as workdir:
+        manifest = prepare_dataset(
+            data_uri, Path(out_dir), data_config=data_config(arch, image_size), seed=seed,
+            max_bad_fraction=max_bad_fraction, workdir=Path(workdir),
+        )
+    return {"classes": manifest.classes, "counts": manifest.counts,
+            "fingerprint": manifest.fingerprint, "skipped": len(manifest.skipped)}
+
+
+def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[str, Any],
+               arch: str, weights: str, init_dir: Path | None, experiment: str,
+               pipeline_run_id: str) -> dict[str, Any]:
+    """Train one stage (warm-started from ``init_dir``'s best checkpoint when given) inside
+    its own nested MLflow run; the run is marked failed if training raises."""
+    from thaw.stages import run_stage
+
+    cfg = stage_config(stage, **settings)
+    data = open_prepared(Path(prepared_dir))
+    parent = tracking.ensure_parent_run(experiment, pipeline_run_id)
+    run_id = tracking.start_stage_run(parent, stage, {
+        **cfg.to_dict(), "arch": arch, "weights": weights if init_dir is None else "previous stage",
+        "data_fingerprint": data.manifest.fingerprint, "classes": len(data.manifest.classes)})
+    try:
+        result = run_stage(
+            data, cfg, Path(out_dir), arch=arch, weights=weights,
+            init_checkpoint=Path(init_dir) / "best.pt" if init_dir else None,
+            on_epoch_end=tracking.epoch_logger(run_id),
+        )
+    except BaseException as err:
+        tracking.fail_run(run_id, str(err))
+        raise
+    summary = result.to_dict()
+    tracking.finish_stage_run(run_id, summary)
+    (Path(out_dir) / STAGE_RUN_FILE).write_text(json.dumps({"run_id": run_id, "stage": stage}))
+    return summary
+
+
+def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, Any]:
+    """Test-set metrics of every stage's best checkpoint, logged to that stage's run.
+    Test numbers are reported, never used to choose."""
+    from thaw.stages import evaluate_checkpoint
+
+    data = open_prepared(Path(prepared_dir))
+    report: dict[str, Any] = {"classes": data.manifest.classes,
+                              "fingerprint": data.manifest.fingerprint, "stages": []}
+    for stage in STAGE_NAMES:
+        if stage not in stage_dirs:
+            continue
+        stage_dir = Path(stage_dirs[stage])
+        result = json.loads((stage_dir / "result.json").read_text())
+        run = json.loads((stage_dir / STAGE_RUN_FILE).read_text())
+        test = evaluate_checkpoint(stage_dir / "best.pt", data, "test")
+        tracking.log_evaluation(run["run_id"], stage, test, data.manifest.classes)
+        report["stages"].append({
+            "stage": stage, "run_id": run["run_id"], "checkpoint": str(stage_dir / "best.pt"),
+            "val": result["best_val"], "test": test, "best_epoch": result["best_epoch"],
+            "wall_seconds": result["wall_seconds"],
+            "train_images_per_sec": result["train_images_per_sec"],
+        })
+    if not report["stages"]:
+        raise ThawError("evaluate got no trained stage to evaluate")
+    return report
+
+
+def register_step(report: dict[str, Any], *, experiment: str, pipeline_run_id: str,
+                  model_name: str, selection_metric: str,
+                  promotion_margin: float) -> dict[str, Any]:
+    """Register the stage with the best validation metric; move ``champion`` if it wins."""
+    parent = tracking.ensure_parent_run(experiment, pipeline_run_id)
+    registration = tracking.register_best(
+        parent_run_id=parent, model_name=model_name, candidates=report["stages"],
+        selection_metric=selection_metric, promotion_margin=promotion_margin,
+        data_fingerprint=report["fingerprint"], pipeline_run_id=pipeline_run_id,
+    )
+    outcome = {**registration, "stages": report["stages"], "selection_metric": selection_metric}
+    client = MlflowClient()
+    client.log_dict(parent, outcome, OUTCOME_FILE)
+    client.log_text(parent, summary_markdown(outcome), "summary.md")
+    client.set_tag(parent, "thaw.registered_version", str(outcome["version"]))
+    client.set_tag(parent, "thaw.promoted", str(outcome["promoted"]).lower())
+    return outcome
+
+
+def latest_outcome(experiment: str, since: float) -> dict[str, Any]:
+    """The outcome register recorded on the newest pipeline run started after ``since``."""
+    found = mlflow.search_runs(
+        experiment_names=[experiment], output_format="list", max_results=1,
+        filter_string=f"tags.thaw.pipeline_run_id != '' and attributes.start_time >= "
+                      f"{int(since * 1000)}",
+        order_by=["attributes.start_time DESC"])
+    found = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    if not found:
+        raise ThawError(f"no pipeline run recorded in MLflow experiment {experiment!r}")
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{found[0].info.run_id}/{OUTCOME_FILE}")
+    except Exception as err:
+        raise ThawError(f"pipeline run {found[0].info.run_id} registered nothing") from err
+
+
+def summary_markdown(outcome: dict[str, Any]) -> str:
+    """The human-readable result of a pipeline run: stage table, choice, registry outcome."""
+    metric = outcome["selection_metric"]
+    lines = [
+        "| stage | val acc | val macro-F1 | test acc | test macro-F1 | best epoch | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in outcome["stages"]:
+        mark = " **(chosen)**" if s["stage"] == outcome["stage"] else ""
+        lines.append(
+            f"| {s['stage']}{mark} | {s['val']['accuracy']:.3f} | {s['val']['macro_f1']:.3f} | "
+            f"{s['test']['accuracy']:.3f} | {s['test']['macro_f1']:.3f} | {s['best_epoch']} | "
+            f"{s['wall_seconds']:.0f} |")
+    lines += [
+        "",
+        f"Chosen by validation {metric}: **{outcome['stage']}**.",
+        f"Registered **{outcome['model_name']}** version **{outcome['version']}**; "
+        + ("alias `champion` now points to it." if outcome["promoted"]
+           else "alias `champion` left where it was."),
+        f"Why: {outcome['reason']}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,219 @@
+"""The one training loop. Probe, last stage and full fine-tune differ only by StageConfig."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from thaw.backbones import stage_groups
+from thaw.checkpoint import load_checkpoint, save_checkpoint
+from thaw.config import StageConfig
+from thaw.data.prepared import PreparedDataset
+from thaw.evaluation import classification_metrics
+from thaw.training.feeds import FeatureFeed, ImageFeed
+from thaw.training.freeze import apply_trainable, set_train_mode
+from thaw.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+SELECTION_METRIC = "macro_f1"
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: its curves, its best epoch (by validation macro-F1) and where
+    the best and last checkpoints are."""
+
+    stage: str
+    config: dict[str, Any]
+    best_epoch: int
+    best_val: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_checkpoint: str = ""
+    last_checkpoint: str = ""
+    wall_seconds: float = 0.0
+    train_images_per_sec: float = 0.0
+    stopped_early: bool = False
+    cached_features: bool = False
+    trainable_params: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_stage(
+    model: nn.Module,
+    data: PreparedDataset,
+    cfg: StageConfig,
+    out_dir: Path,
+    *,
+    on_epoch_end: EpochCallback | None = None,
+    device: torch.device | None = None,
+) -> StageResult:
+    """Train the parameters ``cfg.trainable`` selects, keep the best checkpoint by validation
+    macro-F1, stop early after ``cfg.patience`` epochs without improvement.
+
+    A fresh optimizer and schedule are built here, after freezing, so they only ever see
+    this stage's trainable parameters. ``out_dir/last.pt`` is written every epoch; calling
+    again with the same ``out_dir`` resumes from it (a retried pod picks up where it died).
+    """
+    device = device or default_device()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
+    torch.manual_seed(cfg.seed)
+
+    groups = stage_groups(model)
+    apply_trainable(model, groups.trainable(cfg.trainable))
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    feed_options = {"batch_size": cfg.batch_size, "seed": cfg.seed,
+                    "num_workers": cfg.num_workers}
+    if cfg.uses_cached_features:
+        feed = FeatureFeed(model, data, device, **feed_options)
+    else:
+        feed = ImageFeed(model, data, device, augment=cfg.augment, **feed_options)
+    steps_per_epoch = -(-len(data.labels("train")) // cfg.batch_size)
+    optimizer = build_optimizer(model, groups, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    criterion = nn.CrossEntropyLoss(
+        weight=_class_weights(data, device) if cfg.class_weighting else None,
+        label_smoothing=cfg.label_smoothing,
+    )
+    meta = {"classes": data.manifest.classes, "data_config": data.manifest.data_config(),
+            "stage": cfg.name, "stage_config": cfg.to_dict()}
+
+    state = _resume(last_path, model, optimizer, scheduler, cfg)
+    start = time.perf_counter()
+    for epoch in range(state["epoch"], cfg.epochs):
+        if state["bad_epochs"] >= cfg.patience:
+            break
+        epoch_start = time.perf_counter()
+        train = _train_epoch(model, feed, optimizer, scheduler, criterion, epoch, steps_per_epoch,
+                             cfg.update_bn_stats)
+        val = _validate(feed, criterion, data.manifest.classes)
+        record = {"epoch": epoch + 1, **train, **{f"val_{k}": v for k, v in val.items()},
+                  "lr": optimizer.param_groups[0]["lr"],
+                  "epoch_seconds": time.perf_counter() - epoch_start}
+        state["history"].append(record)
+        if val[SELECTION_METRIC] > state["best"]:
+            state.update(best=val[SELECTION_METRIC], best_epoch=epoch + 1, bad_epochs=0)
+            save_checkpoint(best_path, model, {**meta, "epoch": epoch + 1, "val": val})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        save_checkpoint(last_path, model, meta, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), progress=_jsonable(state))
+        log.info("%s epoch %d/%d: %s", cfg.name, epoch + 1, cfg.epochs, _brief(record))
+        if on_epoch_end:
+            on_epoch_end(record)
+    state["wall_seconds"] += time.perf_counter() - start
+    save_checkpoint(last_path, model, meta, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), progress=_jsonable(state))
+
+    history = state["history"]
+    best = next(r for r in history if r["epoch"] == state["best_epoch"])
+    images = sum(r["train_images"] for r in history)
+    train_seconds = sum(r["train_seconds"] for r in history)
+    result = StageResult(
+        stage=cfg.name,
+        config=cfg.to_dict(),
+        best_epoch=state["best_epoch"],
+        best_val={k[4:]: v for k, v in best.items() if k.startswith("val_")},
+        history=history,
+        best_checkpoint=str(best_path),
+        last_checkpoint=str(last_path),
+        wall_seconds=state["wall_seconds"],
+        train_images_per_sec=images / train_seconds if train_seconds else 0.0,
+        stopped_early=state["epoch"] < cfg.epochs,
+        cached_features=cfg.uses_cached_features,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def _train_epoch(model, feed, optimizer, scheduler, criterion, epoch, steps_per_epoch,
+                 update_bn_stats):
+    set_train_mode(model, update_bn_stats)
+    losses, correct, seen, seconds = 0.0, 0, 0, 0.0
+    autocast = feed.device.type == "cuda"
+    for step, (x, y) in enumerate(feed.batches("train", train=True, epoch=epoch)):
+        tick = time.perf_counter()
+        with torch.autocast(feed.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = feed.net(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step_update(epoch * steps_per_epoch + step + 1)
+        losses += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        seconds += time.perf_counter() - tick
+    return {"train_loss": losses / seen, "train_accuracy": correct / seen,
+            "train_images": seen, "train_seconds": seconds}
+
+
+@torch.no_grad()
+def _validate(feed, criterion, classes) -> dict[str, float]:
+    was_training = feed.net.training
+    feed.net.eval()
+    losses, preds, labels = 0.0, [], []
+    for x, y in feed.batches("val", train=False):
+        with torch.autocast(feed.device.type, dtype=torch.bfloat16,
+                            enabled=feed.device.type == "cuda"):
+            logits = feed.net(x).float()
+        losses += criterion(logits, y).item() * len(y)
+        preds.append(logits.argmax(1).cpu().numpy())
+        labels.append(y.cpu().numpy())
+    feed.net.train(was_training)
+    y_true, y_pred = np.concatenate(labels), np.concatenate(preds)
+    return {"loss": losses / len(y_true), **classification_metrics(y_true, y_pred, classes)}
+
+
+def _class_weights(data: PreparedDataset, device: torch.device) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1) so rare classes count as much in the loss."""
+    counts = np.bincount(data.labels("train"), minlength=len(data.manifest.classes))
+    weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def _resume(last_path: Path, model, optimizer, scheduler, cfg: StageConfig) -> dict[str, Any]:
+    fresh = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [],
+             "wall_seconds": 0.0}
+    if not last_path.exists():
+        return fresh
+    payload = load_checkpoint(last_path)
+    if payload["meta"].get("stage_config") != cfg.to_dict():
+        log.warning("ignoring %s: written with other settings", last_path)
+        return fresh
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    log.info("resuming %s from epoch %d", cfg.name, payload["progress"]["epoch"])
+    return dict(payload["progress"])
+
+
+def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(state))
+
+
+def _brief(record: dict[str, float]) -> str:
+    keys = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1")
+    return " ".join(f"{k}={record[k]:.4f}" for k in keys)
