@@ -1,8 +1,10 @@
-"""Shared fixtures: the real sample dataset, prepared once per session at a small size."""
+"""Shared fixtures: the real sample dataset prepared once at a small size, and one embedded
+S3 + MLflow stack per session."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,22 @@ def prepared_sample(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "sample"
     prepare_dataset(str(SAMPLE_DIR), out, data_config=data_config(TEST_ARCH, TEST_IMAGE_SIZE))
     return open_prepared(out)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator:
+    """A running S3 + MLflow stack on free loopback ports; its env is set in os.environ for
+    the whole session (and restored afterwards)."""
+    from thaw.stack import running_stack
+
+    with running_stack(tmp_path_factory.mktemp("stack")) as info:
+        saved = {key: os.environ.get(key) for key in info.env()}
+        os.environ.update(info.env())
+        try:
+            yield info
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

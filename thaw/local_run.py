@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ def run_local(parameters: dict[str, Any], pipeline_root: Path) -> dict[str, Any]
         raise ThawError("MLFLOW_TRACKING_URI is not set: start the local stack with "
                         "`eval \"$(thaw stack up)\"` or point it at your MLflow server")
     pipeline_root.mkdir(parents=True, exist_ok=True)
+    # kfp.local warns that GPU/resource settings and the image are ignored here: expected.
+    warnings.filterwarnings("ignore", module="kfp.local")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     started = time.time()
     try:
