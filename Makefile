@@ -5,11 +5,22 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
+# The image every pipeline step runs in (docker/README.md); the compiled pipeline names it.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml | head -1)
+REGISTRY ?= ghcr.io/thaw-ml
+IMAGE ?= $(REGISTRY)/thaw:$(VERSION)
+BASE_IMAGE ?= python:3.11-slim
+PREFETCH_BACKBONES ?=
+CONTAINER_ENGINE ?=
+IMAGE_ENV = IMAGE='$(IMAGE)' VERSION='$(VERSION)' BASE_IMAGE='$(BASE_IMAGE)' \
+	PREFETCH_BACKBONES='$(PREFETCH_BACKBONES)' CONTAINER_ENGINE='$(CONTAINER_ENGINE)'
+
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint format demo compile bench sample-data stack-up stack-down clean
+.PHONY: image image-name image-if-engine push base-image
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +30,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install thaw with its dev extras (once)
 
-test: install ## run every test tier on CPU (unit, data, integration, end-to-end)
-	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest
+test: install image-if-engine ## every test tier on CPU, the image built and run (PYTEST_ARGS to narrow)
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install ## only the fast unit and data tests
-	$(PY) -m pytest -m "not slow and not e2e"
+	$(PY) -m pytest -m "not slow and not e2e and not container"
 
 lint: install ## ruff
 	$(BIN)/ruff check .
@@ -49,6 +60,21 @@ stack-up: install ## start the local S3 server + MLflow server (prints the env t
 
 stack-down: install ## stop them
 	$(BIN)/thaw stack down
+
+image: ## build the step image (REGISTRY/thaw:VERSION) with podman or docker
+	@$(IMAGE_ENV) docker/build-image.sh build
+
+image-name: ## print the image name the pipeline uses
+	@echo '$(IMAGE)'
+
+image-if-engine: ## make image if an engine answers; else say the container tier is skipped
+	@$(IMAGE_ENV) docker/build-image.sh if-engine
+
+push: image ## push the image: make push REGISTRY=registry.example.com/team
+	@$(IMAGE_ENV) docker/build-image.sh push
+
+base-image: ## build the local python:3.11-slim stand-in (root, debootstrap; no registry)
+	CONTAINER_ENGINE='$(CONTAINER_ENGINE)' docker/base-image.sh
 
 clean: ## remove the venv and local run outputs
 	rm -rf $(VENV) .thaw local_outputs

@@ -4,6 +4,7 @@ Each component is a Lightweight Python component whose body imports ``thaw`` ins
 container image (not this file) provides the compute; the image is chosen at compile time.
 """
 
+from importlib.metadata import version
 from types import SimpleNamespace
 
 from kfp import dsl
@@ -12,9 +13,11 @@ from components.evaluate import evaluate
 from components.finalize import finalize
 from components.preprocess import preprocess
 from components.register import register
+from components.source_version import source_version
 from components.train import train
 
-DEFAULT_IMAGE = "ghcr.io/thaw-ml/thaw:0.1.0"
+# What `make image` builds by default (REGISTRY/thaw:<package version>).
+DEFAULT_IMAGE = f"ghcr.io/thaw-ml/thaw:{version('thaw')}"
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> SimpleNamespace:
@@ -25,4 +28,4 @@ def build_components(image: str = DEFAULT_IMAGE) -> SimpleNamespace:
 
     return SimpleNamespace(preprocess=make(preprocess), train=make(train),
                            evaluate=make(evaluate), register=make(register),
-                           finalize=make(finalize))
+                           finalize=make(finalize), source_version=make(source_version))

@@ -5,6 +5,7 @@ from kfp.dsl import Dataset, Markdown, Output
 
 def preprocess(
     data_uri: str,
+    source_version: str,
     backbone: str,
     image_size: int,
     seed: int,
@@ -21,6 +22,7 @@ def preprocess(
                               image_size=image_size, seed=seed,
                               max_bad_fraction=max_bad_fraction)
     shutil.copyfile(Path(prepared.path) / "validation_report.md", validation_report.path)
-    prepared.metadata.update({"classes": summary["classes"],
+    prepared.metadata.update({"source_version": source_version,
+                              "classes": summary["classes"],
                               "fingerprint": summary["fingerprint"],
                               "skipped_files": summary["skipped"]})

@@ -1,10 +1,13 @@
 """register: the best stage by validation metric into the MLflow registry, champion-gated."""
 
-from kfp.dsl import Artifact, Input, Markdown, Output
+from kfp.dsl import Artifact, Input, Markdown, Model, Output
 
 
 def register(
     report: Input[Artifact],
+    probe_model: Input[Model],
+    partial_model: Input[Model],
+    full_model: Input[Model],
     mlflow_experiment: str,
     pipeline_run_id: str,
     model_name: str,
@@ -17,8 +20,10 @@ def register(
 
     from thaw.steps import register_step, summary_markdown
 
+    stage_dirs = {"probe": Path(probe_model.path), "partial": Path(partial_model.path),
+                  "full": Path(full_model.path)}
     outcome = register_step(
-        json.loads(Path(report.path).read_text()), experiment=mlflow_experiment,
+        json.loads(Path(report.path).read_text()), stage_dirs, experiment=mlflow_experiment,
         pipeline_run_id=pipeline_run_id, model_name=model_name,
         selection_metric=selection_metric, promotion_margin=promotion_margin,
     )

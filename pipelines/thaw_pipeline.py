@@ -6,36 +6,72 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from components import DEFAULT_IMAGE, build_components
+from components import build_components
+from pipelines.settings import GPU_STEPS, ClusterSettings
 from thaw.config import DEFAULT_STAGES
 from thaw.config import PIPELINE_DEFAULTS as D
 
 PIPELINE_NAME = "thaw-staged-transfer"
+# The exit handler takes a dsl.PipelineTaskFinalStatus input, which KFP backends accept from
+# 2.6.0 on (kubeflow/pipelines#11953); older ones refuse the run ("task final status not
+# supported yet"). Stated in README.md and infra/README.md, and in the spec's description.
+MIN_KFP_BACKEND = "2.6.0"
 STAGE_TITLES = {"probe": "probe: head only", "partial": "partial: last stage + head",
                 "full": "full: all layers, discriminative LRs"}
-# Cluster wiring (see infra/): S3 credentials from a Secret, endpoints from a ConfigMap.
-S3_SECRET = "thaw-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                   "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-CONFIG_MAP = "thaw-config"
-CONFIG_KEYS = {k: k for k in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+               "THAW_CHECKPOINT_URI")
 
 
-def _cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
-    kubernetes.use_config_map_as_env(task, config_map_name=CONFIG_MAP,
-                                     config_map_key_to_env=CONFIG_KEYS)
+def _configure(task: dsl.PipelineTask, kind: str, cfg: ClusterSettings) -> dsl.PipelineTask:
+    """Environment (from the Secret and ConfigMap, by name), resources, retries, caching
+    and, for GPU steps only, the GPU request, node selector and tolerations."""
+    kubernetes.use_secret_as_env(task, secret_name=cfg.s3_secret,
+                                 secret_key_to_env=S3_SECRET_KEYS)
+    keys = [k for k in CONFIG_KEYS
+            if not (k == "MLFLOW_TRACKING_URI" and cfg.mlflow_tracking_uri)]
+    kubernetes.use_config_map_as_env(task, config_map_name=cfg.config_map,
+                                     config_map_key_to_env={k: k for k in keys})
+    if cfg.mlflow_tracking_uri:
+        task.set_env_variable("MLFLOW_TRACKING_URI", cfg.mlflow_tracking_uri)
+    step = cfg.step(kind)
+    if step.cpu:
+        task.set_cpu_limit(step.cpu)
+    if step.memory:
+        task.set_memory_limit(step.memory)
+    if step.scratch:
+        kubernetes.empty_dir_mount(task, volume_name="scratch", mount_path="/tmp",
+                                   size_limit=step.scratch)
+    if step.retry.num_retries:
+        task.set_retry(num_retries=step.retry.num_retries,
+                       backoff_duration=step.retry.backoff_duration,
+                       backoff_factor=step.retry.backoff_factor,
+                       backoff_max_duration=step.retry.backoff_max_duration)
+    task.set_caching_options(step.cache)
+    if kind in GPU_STEPS and cfg.gpu.count:
+        task.set_accelerator_type(cfg.gpu.resource).set_accelerator_limit(cfg.gpu.count)
+        for label, value in cfg.gpu.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=label, label_value=value)
+        for tol in cfg.gpu.tolerations:
+            kubernetes.add_toleration(task, key=tol.key, operator=tol.operator,
+                                      value=tol.value, effect=tol.effect)
+        # DataLoader workers share batches through /dev/shm, 64 MB by default in a pod.
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
+                                   medium="Memory")
     return task
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE):
-    """The pipeline function with every component running in container ``image``."""
-    c = build_components(image)
+def build_pipeline(settings: ClusterSettings | None = None):
+    """The pipeline function, wired for the cluster that ``settings`` describe."""
+    cfg = settings or ClusterSettings()
+    c = build_components(cfg.image)
     s = DEFAULT_STAGES
 
-    @dsl.pipeline(name=PIPELINE_NAME,
+    @dsl.pipeline(name=PIPELINE_NAME, pipeline_root=cfg.pipeline_root,
                   description="Staged transfer learning: probe, unfreeze the last stage, "
-                              "fine-tune all; evaluate every stage; register the best.")
+                              "fine-tune all; evaluate every stage; register the best. "
+                              f"Needs Kubeflow Pipelines >= {MIN_KFP_BACKEND}.")
     def thaw_pipeline(
         data_uri: str = D.data_uri,
         backbone: str = D.backbone,
@@ -57,14 +93,16 @@ def build_pipeline(image: str = DEFAULT_IMAGE):
     ):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         finalize = c.finalize(mlflow_experiment=mlflow_experiment, pipeline_run_id=run_id)
-        finalize.set_display_name("close MLflow run").set_caching_options(False)
-        _cluster_env(finalize)
+        _configure(finalize.set_display_name("close MLflow run"), "finalize", cfg)
         with dsl.ExitHandler(finalize, name="staged-transfer"):
-            prep = c.preprocess(data_uri=data_uri, backbone=backbone, image_size=image_size,
-                                seed=seed, max_bad_fraction=max_bad_fraction)
-            prep.set_display_name("preprocess: validate, split, resize").set_caching_options(True)
-            prep.set_cpu_limit("4").set_memory_limit("16G")
-            _cluster_env(prep)
+            version = c.source_version(data_uri=data_uri)
+            _configure(version.set_display_name("source version: list the data"),
+                       "source_version", cfg).set_caching_options(False)
+            prep = c.preprocess(data_uri=data_uri, source_version=version.output,
+                                backbone=backbone, image_size=image_size, seed=seed,
+                                max_bad_fraction=max_bad_fraction)
+            _configure(prep.set_display_name("preprocess: validate, split, resize"),
+                       "preprocess", cfg)
 
             previous = None
             trained = {}
@@ -76,38 +114,26 @@ def build_pipeline(image: str = DEFAULT_IMAGE):
                                weights=weights, epochs=epochs, lr=lr, batch_size=batch_size,
                                seed=seed, mlflow_experiment=mlflow_experiment,
                                pipeline_run_id=run_id, **warm_start)
-                task.set_display_name(STAGE_TITLES[stage]).set_caching_options(False)
-                task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-                task.set_cpu_limit("8").set_memory_limit("32G")
-                task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
-                kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
-                                           medium="Memory")
-                _cluster_env(task)
+                _configure(task.set_display_name(STAGE_TITLES[stage]), "train", cfg)
                 trained[stage] = previous = task
 
-            evaluate = c.evaluate(prepared=prep.outputs["prepared"],
-                                  probe_model=trained["probe"].outputs["model"],
-                                  partial_model=trained["partial"].outputs["model"],
-                                  full_model=trained["full"].outputs["model"])
-            evaluate.set_display_name("evaluate: test split, every stage")
-            evaluate.set_caching_options(False)
-            evaluate.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-            evaluate.set_retry(num_retries=2, backoff_duration="30s")
-            _cluster_env(evaluate)
+            models = {f"{stage}_model": task.outputs["model"] for stage, task in trained.items()}
+            evaluate = c.evaluate(prepared=prep.outputs["prepared"], **models)
+            _configure(evaluate.set_display_name("evaluate: test split, every stage"),
+                       "evaluate", cfg)
 
-            register = c.register(report=evaluate.outputs["report"],
+            register = c.register(report=evaluate.outputs["report"], **models,
                                   mlflow_experiment=mlflow_experiment, pipeline_run_id=run_id,
                                   model_name=model_name, selection_metric=selection_metric,
                                   promotion_margin=promotion_margin)
-            register.set_display_name("register best stage").set_caching_options(False)
-            _cluster_env(register)
+            _configure(register.set_display_name("register best stage"), "register", cfg)
 
     return thaw_pipeline
 
 
-def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE) -> Path:
+def compile_pipeline(output: Path, settings: ClusterSettings | None = None) -> Path:
     """Write the pipeline YAML that a person uploads in the Kubeflow UI."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(image), package_path=str(output))
+    compiler.Compiler().compile(build_pipeline(settings), package_path=str(output))
     return output

@@ -6,6 +6,8 @@ read with ``weights_only=True`` (plain tensors and Python values, no pickled cod
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,12 @@ import timm
 import torch
 from torch import nn
 
+from thaw import storage
 from thaw.errors import ThawError
 
 FORMAT = "thaw-checkpoint/1"
+MIRRORED = ("best.pt", "last.pt")
+log = logging.getLogger(__name__)
 
 
 def model_arch(model: nn.Module) -> str:
@@ -53,3 +58,53 @@ def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
     model.reset_classifier(num_classes)
     model.load_state_dict(payload["model"])
     return model
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in chunks (checkpoints can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class CheckpointMirror:
+    """Keeps ``best.pt`` and ``last.pt`` of a training folder mirrored at ``uri`` (an
+    ``s3://`` prefix or a local folder), so that a retried step, whose output folder starts
+    empty, finds them again. ``uri=None`` mirrors nothing."""
+
+    def __init__(self, uri: str | None, local_dir: Path) -> None:
+        self.uri = uri.rstrip("/") if uri else None
+        self.local_dir = Path(local_dir)
+
+    def _remote(self, name: str) -> str:
+        assert self.uri is not None
+        return f"{self.uri}/{name}"
+
+    def fetch_missing(self) -> None:
+        """Bring back the mirrored checkpoints when the local folder has no ``last.pt``."""
+        if self.uri is None or (self.local_dir / "last.pt").exists():
+            return
+        for name in MIRRORED:
+            remote, local = self._remote(name), self.local_dir / name
+            if storage.is_s3_uri(remote):
+                if storage.exists(remote):
+                    storage.download_file(remote, local)
+            elif Path(remote).is_file():
+                local.write_bytes(Path(remote).read_bytes())
+        if (self.local_dir / "last.pt").exists():
+            log.info("found checkpoints of an earlier attempt at %s", self.uri)
+
+    def push(self, path: Path) -> None:
+        """Copy ``path`` to the mirror (atomically on a local folder; S3 puts are atomic)."""
+        if self.uri is None:
+            return
+        remote = self._remote(path.name)
+        if storage.is_s3_uri(remote):
+            storage.upload_file(path, remote)
+            return
+        Path(self.uri).mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{remote}.tmp")
+        tmp.write_bytes(path.read_bytes())
+        os.replace(tmp, remote)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from thaw.backbones import create_backbone
-from thaw.checkpoint import load_checkpoint, model_from_checkpoint
+from thaw.checkpoint import file_digest, load_checkpoint, model_from_checkpoint
 from thaw.config import StageConfig
 from thaw.data.prepared import PreparedDataset
 from thaw.errors import ThawError
@@ -29,19 +29,29 @@ def run_stage(
     weights: str = "hub",
     init_checkpoint: Path | None = None,
     on_epoch_end: EpochCallback | None = None,
+    checkpoint_uri: str | None = None,
 ) -> StageResult:
     """Train stage ``cfg`` starting from ``init_checkpoint`` (the previous stage's best:
-    gradual unfreezing) or, for the first stage, from ``arch`` with ``weights``."""
+    gradual unfreezing) or, for the first stage, from ``arch`` with ``weights``.
+
+    ``checkpoint_uri``: where the stage's checkpoints are mirrored for resuming after a
+    retry (see ``train_stage``). The seed is set before the new head is created, so the
+    same seed gives the same starting model.
+    """
     classes = data.manifest.classes
+    torch.manual_seed(cfg.seed)
     if init_checkpoint is not None:
         payload = load_checkpoint(init_checkpoint)
         if payload["meta"]["classes"] != classes:
             raise ThawError(f"checkpoint {init_checkpoint} was trained on classes "
                             f"{payload['meta']['classes']}, but the dataset has {classes}")
         model = model_from_checkpoint(payload)
+        start_point = f"checkpoint sha256 {file_digest(init_checkpoint)}"
     else:
         model = create_backbone(arch, len(classes), weights)
-    return train_stage(model, data, cfg, out_dir, on_epoch_end=on_epoch_end)
+        start_point = f"{arch} with weights {weights}"
+    return train_stage(model, data, cfg, out_dir, on_epoch_end=on_epoch_end,
+                       start_point=start_point, checkpoint_uri=checkpoint_uri)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ picks the best stage by validation and applies the champion gate.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
-from thaw import tracking
+from thaw import storage, tracking
 from thaw.backbones import data_config
 from thaw.config import STAGE_NAMES, stage_config
 from thaw.data.prepare import prepare_dataset
@@ -25,6 +26,10 @@ from thaw.errors import ThawError
 
 STAGE_RUN_FILE = "stage_run.json"
 OUTCOME_FILE = "outcome.json"
+# Where training steps keep resumable checkpoints, keyed by pipeline run and stage (an
+# s3:// prefix on a cluster, from the thaw-config ConfigMap). Unset: no mirroring.
+CHECKPOINT_ROOT_ENV = "THAW_CHECKPOINT_URI"
+FAILURE_FILE = "failed.json"
 
 
 def preprocess_step(data_uri: str, out_dir: Path, *, arch: str, image_size: int, seed: int,
@@ -47,6 +52,8 @@ def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[
     from thaw.stages import run_stage
 
     cfg = stage_config(stage, **settings)
+    checkpoint_uri = stage_checkpoint_uri(pipeline_run_id, stage)
+    _refuse_known_failure(checkpoint_uri)
     data = open_prepared(Path(prepared_dir))
     parent = tracking.ensure_parent_run(experiment, pipeline_run_id)
     run_id = tracking.start_stage_run(parent, stage, {
@@ -56,15 +63,57 @@ def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[
         result = run_stage(
             data, cfg, Path(out_dir), arch=arch, weights=weights,
             init_checkpoint=Path(init_dir) / "best.pt" if init_dir else None,
-            on_epoch_end=tracking.epoch_logger(run_id),
+            on_epoch_end=tracking.epoch_logger(run_id), checkpoint_uri=checkpoint_uri,
         )
     except BaseException as err:
         tracking.fail_run(run_id, str(err))
+        if isinstance(err, ThawError):
+            _record_failure(checkpoint_uri, err)
         raise
     summary = result.to_dict()
     tracking.finish_stage_run(run_id, summary)
     (Path(out_dir) / STAGE_RUN_FILE).write_text(json.dumps({"run_id": run_id, "stage": stage}))
     return summary
+
+
+def stage_checkpoint_uri(pipeline_run_id: str, stage: str) -> str | None:
+    """``$THAW_CHECKPOINT_URI/<pipeline run>/<stage>``: the same for every attempt of a
+    step, unlike its output folder, which a retried pod gets empty."""
+    root = os.environ.get(CHECKPOINT_ROOT_ENV, "").strip().rstrip("/")
+    return f"{root}/{pipeline_run_id}/{stage}" if root else None
+
+
+def _refuse_known_failure(checkpoint_uri: str | None) -> None:
+    """Fail at once when an earlier attempt of this step failed on bad input: a retry (set
+    for preempted or crashed pods) would only fail again, after holding a GPU node."""
+    if checkpoint_uri is None:
+        return
+    marker = f"{checkpoint_uri}/{FAILURE_FILE}"
+    with tempfile.TemporaryDirectory() as tmp:
+        if storage.is_s3_uri(marker):
+            if not storage.exists(marker):
+                return
+            text = storage.download_file(marker, Path(tmp) / FAILURE_FILE).read_text()
+        elif Path(marker).is_file():
+            text = Path(marker).read_text()
+        else:
+            return
+    raise ThawError(f"not retrying: an earlier attempt failed on its input: "
+                    f"{json.loads(text)['error']}")
+
+
+def _record_failure(checkpoint_uri: str | None, err: ThawError) -> None:
+    if checkpoint_uri is None:
+        return
+    text = json.dumps({"error": str(err)})
+    if not storage.is_s3_uri(checkpoint_uri):
+        Path(checkpoint_uri).mkdir(parents=True, exist_ok=True)
+        (Path(checkpoint_uri) / FAILURE_FILE).write_text(text)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        marker = Path(tmp) / FAILURE_FILE
+        marker.write_text(text)
+        storage.upload_file(marker, f"{checkpoint_uri}/{FAILURE_FILE}")
 
 
 def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, Any]:
@@ -84,8 +133,8 @@ def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, 
         test = evaluate_checkpoint(stage_dir / "best.pt", data, "test")
         tracking.log_evaluation(run["run_id"], stage, test, data.manifest.classes)
         report["stages"].append({
-            "stage": stage, "run_id": run["run_id"], "checkpoint": str(stage_dir / "best.pt"),
-            "val": result["best_val"], "test": test, "best_epoch": result["best_epoch"],
+            "stage": stage, "run_id": run["run_id"], "val": result["best_val"], "test": test,
+            "best_epoch": result["best_epoch"],
             "wall_seconds": result["wall_seconds"],
             "train_images_per_sec": result["train_images_per_sec"],
         })
@@ -94,13 +143,22 @@ def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, 
     return report
 
 
-def register_step(report: dict[str, Any], *, experiment: str, pipeline_run_id: str,
-                  model_name: str, selection_metric: str,
+def register_step(report: dict[str, Any], stage_dirs: dict[str, Path], *, experiment: str,
+                  pipeline_run_id: str, model_name: str, selection_metric: str,
                   promotion_margin: float) -> dict[str, Any]:
-    """Register the stage with the best validation metric; move ``champion`` if it wins."""
+    """Register the stage with the best validation metric; move ``champion`` if it wins.
+
+    The checkpoints come from ``stage_dirs`` (this step's own input artifacts), never from
+    paths another step wrote into the report: on a cluster those are in another pod.
+    """
+    missing = [s["stage"] for s in report["stages"] if s["stage"] not in stage_dirs]
+    if missing:
+        raise ThawError(f"register got no model artifact for stage(s) {missing}")
+    candidates = [{**s, "checkpoint": str(Path(stage_dirs[s["stage"]]) / "best.pt")}
+                  for s in report["stages"]]
     parent = tracking.ensure_parent_run(experiment, pipeline_run_id)
     registration = tracking.register_best(
-        parent_run_id=parent, model_name=model_name, candidates=report["stages"],
+        parent_run_id=parent, model_name=model_name, candidates=candidates,
         selection_metric=selection_metric, promotion_margin=promotion_margin,
         data_fingerprint=report["fingerprint"], pipeline_run_id=pipeline_run_id,
     )

@@ -7,6 +7,7 @@ itself, so the same code talks to AWS, MinIO or a local test server.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -72,16 +73,53 @@ def _folder_prefix(prefix: str) -> str:
     return prefix.rstrip("/") + "/" if prefix.strip("/") else ""
 
 
-def list_s3_objects(uri: str) -> list[str]:
-    """All object keys under the folder `uri` (full keys, in S3's lexicographic order)."""
+def _s3_listing(uri: str) -> list[dict[str, Any]]:
+    """ListObjectsV2 entries (Key, Size, ETag, ...) under the folder `uri`, in key order."""
     bucket, prefix = split_s3_uri(uri)
     client = s3_client()
-    keys: list[str] = []
+    entries: list[dict[str, Any]] = []
     with _s3_errors(uri):
         paginator = client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=_folder_prefix(prefix)):
-            keys.extend(obj["Key"] for obj in page.get("Contents", []))
-    return keys
+            entries.extend(page.get("Contents", []))
+    return entries
+
+
+def list_s3_objects(uri: str) -> list[str]:
+    """All object keys under the folder `uri` (full keys, in S3's lexicographic order)."""
+    return [entry["Key"] for entry in _s3_listing(uri)]
+
+
+def source_version(uri_or_path: str | os.PathLike[str]) -> str:
+    """A digest that changes whenever an object under `uri_or_path` is added, removed or
+    rewritten: S3 keys with their size and ETag, or local files with size and mtime.
+
+    Cheap (one listing, no reads), so it can run before every pipeline run and serve as
+    the cache key of the expensive preprocessing: the same prefix with new content is then
+    never a cache hit.
+    """
+    digest = hashlib.sha256()
+    if is_s3_uri(uri_or_path):
+        entries = [(e["Key"], e["Size"], e.get("ETag", "")) for e in _s3_listing(str(uri_or_path))]
+    else:
+        root = Path(uri_or_path)
+        if not root.exists():
+            raise ThawError(f"{root} does not exist")
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        entries = [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in files]
+    if not entries:
+        raise ThawError(f"nothing found at {uri_or_path}: no objects to version")
+    for entry in entries:
+        digest.update(repr(entry).encode())
+    return f"{len(entries)}-{digest.hexdigest()[:32]}"
+
+
+def exists(uri: str) -> bool:
+    """Whether the single object `uri` exists."""
+    bucket, key = split_s3_uri(uri)
+    with _s3_errors(uri):
+        return _object_exists(bucket, key)
 
 
 def safe_join(dest: Path, relative_key: str) -> Path:

@@ -10,7 +10,7 @@ from thaw.backbones import data_config
 from thaw.data.prepare import prepare_dataset
 from thaw.data.prepared import open_prepared
 from thaw.errors import ThawError
-from thaw.local_run import DEMO_PARAMETERS, run_local, upload_sample
+from thawctl.local_run import DEMO_PARAMETERS, run_local, upload_sample
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 FAST = {"probe_epochs": 3, "partial_epochs": 1, "full_epochs": 1}

@@ -8,7 +8,7 @@ import yaml
 from pipelines.thaw_pipeline import compile_pipeline
 
 GOLDEN = Path(__file__).resolve().parents[2] / "pipelines" / "thaw_pipeline.yaml"
-STEPS = ["preprocess", "train", "train-2", "train-3", "evaluate", "register"]
+STEPS = ["source-version", "preprocess", "train", "train-2", "train-3", "evaluate", "register"]
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +26,26 @@ def test_steps_and_their_order(spec):
     tasks = _dag(spec)
     assert sorted(tasks) == sorted(STEPS)
     deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
-    assert deps["preprocess"] == set()
+    assert deps["source-version"] == set()
+    assert deps["preprocess"] == {"source-version"}
     assert deps["train"] == {"preprocess"}
     assert deps["train-2"] == {"preprocess", "train"}
     assert deps["train-3"] == {"preprocess", "train-2"}
     assert deps["evaluate"] == {"preprocess", "train", "train-2", "train-3"}
-    assert deps["register"] == {"evaluate"}
+    # register gets the models as its own inputs, never paths inside another step's pod
+    assert deps["register"] == {"evaluate", "train", "train-2", "train-3"}
+    assert sorted(tasks["register"]["inputs"]["artifacts"]) == [
+        "full_model", "partial_model", "probe_model", "report"]
     names = [tasks[t]["taskInfo"]["name"] for t in STEPS]
-    assert names[1].startswith("probe") and names[3].startswith("full")
+    assert names[2].startswith("probe") and names[4].startswith("full")
+
+
+def test_preprocess_cache_key_includes_the_source_version(spec):
+    """Caching on data_uri alone would reuse old shards after the bucket changed."""
+    tasks = _dag(spec)
+    version = tasks["preprocess"]["inputs"]["parameters"]["source_version"]
+    assert version["taskOutputParameter"]["producerTask"] == "source-version"
+    assert tasks["source-version"]["cachingOptions"] == {}
 
 
 def test_exit_handler_closes_the_mlflow_run(spec):
@@ -74,6 +86,26 @@ def test_credentials_come_from_a_secret_and_never_appear(spec):
         assert value not in spec["text"]
 
 
+def test_the_default_image_is_what_make_image_builds(spec):
+    import subprocess
+
+    root = GOLDEN.parents[1]
+    built = subprocess.run(["make", "-s", "-C", str(root), "image-name"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    images = {e["container"]["image"]
+              for e in spec["pipeline"]["deploymentSpec"]["executors"].values()}
+    assert images == {built}
+
+
 def test_golden_yaml_is_up_to_date(spec):
     """pipelines/thaw_pipeline.yaml is what users upload; regenerate with `make compile`."""
     assert GOLDEN.read_text() == spec["text"], "stale golden YAML: run `make compile`"
+
+
+def test_the_minimum_kfp_backend_is_stated_where_operators_look(spec):
+    from pipelines.thaw_pipeline import MIN_KFP_BACKEND
+
+    root = GOLDEN.parents[1]
+    assert f">= {MIN_KFP_BACKEND}" in spec["pipeline"]["pipelineInfo"]["description"]
+    for doc in (root / "README.md", root / "infra" / "README.md"):
+        assert f"Kubeflow Pipelines >= {MIN_KFP_BACKEND}" in doc.read_text(), doc

@@ -12,6 +12,7 @@ DataLoader workers share the page cache instead of copies.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -65,6 +66,10 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def digest(self) -> str:
+        """Identifies the prepared data: source fingerprint, split, classes, preprocessing."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @classmethod
     def from_json(cls, text: str, origin: str = "manifest.json") -> Manifest:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from thaw.backbones import stage_groups
-from thaw.checkpoint import load_checkpoint, save_checkpoint
+from thaw.checkpoint import CheckpointMirror, load_checkpoint, save_checkpoint
 from thaw.config import StageConfig
 from thaw.data.prepared import PreparedDataset
 from thaw.evaluation import classification_metrics
@@ -63,18 +63,30 @@ def train_stage(
     *,
     on_epoch_end: EpochCallback | None = None,
     device: torch.device | None = None,
+    start_point: str = "",
+    checkpoint_uri: str | None = None,
 ) -> StageResult:
     """Train the parameters ``cfg.trainable`` selects, keep the best checkpoint by validation
     macro-F1, stop early after ``cfg.patience`` epochs without improvement.
 
     A fresh optimizer and schedule are built here, after freezing, so they only ever see
     this stage's trainable parameters. ``out_dir/last.pt`` is written every epoch; calling
-    again with the same ``out_dir`` resumes from it (a retried pod picks up where it died).
+    again with the same ``out_dir`` resumes from it. With ``checkpoint_uri`` (an ``s3://``
+    prefix or a folder outside ``out_dir``) both checkpoints are also mirrored there after
+    every epoch, so a retried pod, whose output folder starts empty, resumes too.
+
+    A checkpoint is resumed only if it was written for the same stage settings, the same
+    prepared data (manifest digest) and the same ``start_point`` (what the model started
+    from: the previous stage's checkpoint digest, or the backbone and its weights).
+    Each epoch reseeds the global RNG from (seed, epoch), so a resumed run draws the same
+    augmentations and dropout masks as an uninterrupted one.
     """
     device = device or default_device()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
+    mirror = CheckpointMirror(checkpoint_uri, out_dir)
+    mirror.fetch_missing()
     torch.manual_seed(cfg.seed)
 
     groups = stage_groups(model)
@@ -96,14 +108,17 @@ def train_stage(
         weight=_class_weights(data, device) if cfg.class_weighting else None,
         label_smoothing=cfg.label_smoothing,
     )
+    identity = {"stage_config": cfg.to_dict(), "data": data.manifest.digest(),
+                "start_point": start_point}
     meta = {"classes": data.manifest.classes, "data_config": data.manifest.data_config(),
-            "stage": cfg.name, "stage_config": cfg.to_dict()}
+            "stage": cfg.name, "stage_config": cfg.to_dict(), "resume_identity": identity}
 
-    state = _resume(last_path, model, optimizer, scheduler, cfg)
+    state = _resume(last_path, model, optimizer, scheduler, identity)
     for epoch in range(state["epoch"], cfg.epochs):
         if state["bad_epochs"] >= cfg.patience:
             break
         epoch_start = time.perf_counter()
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 1)
         train = _train_epoch(model, feed, optimizer, scheduler, criterion, epoch, steps_per_epoch,
                              cfg.update_bn_stats)
         val = _validate(feed, criterion, data.manifest.classes)
@@ -114,11 +129,13 @@ def train_stage(
         if val[SELECTION_METRIC] > state["best"]:
             state.update(best=val[SELECTION_METRIC], best_epoch=epoch + 1, bad_epochs=0)
             save_checkpoint(best_path, model, {**meta, "epoch": epoch + 1, "val": val})
+            mirror.push(best_path)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         save_checkpoint(last_path, model, meta, optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), progress=_jsonable(state))
+        mirror.push(last_path)
         log.info("%s epoch %d/%d: %s", cfg.name, epoch + 1, cfg.epochs, _brief(record))
         if on_epoch_end:
             on_epoch_end(record)
@@ -194,19 +211,27 @@ def _class_weights(data: PreparedDataset, device: torch.device) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
-def _resume(last_path: Path, model, optimizer, scheduler, cfg: StageConfig) -> dict[str, Any]:
+def _resume(last_path: Path, model, optimizer, scheduler,
+            identity: dict[str, Any]) -> dict[str, Any]:
+    """Training progress from ``last_path`` when it was written for this very ``identity``;
+    a fresh start otherwise (a stale checkpoint is named in the log, never trusted)."""
     fresh = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [],
              "wall_seconds": 0.0}
     if not last_path.exists():
         return fresh
     payload = load_checkpoint(last_path)
-    if payload["meta"].get("stage_config") != cfg.to_dict():
-        log.warning("ignoring %s: written with other settings", last_path)
+    written_for = payload["meta"].get("resume_identity") or {}
+    differs = sorted(k for k in identity if written_for.get(k) != identity[k])
+    if differs:
+        log.warning("not resuming from %s: it was written for another %s; starting afresh",
+                    last_path, " and ".join(d.replace("_", " ") for d in differs))
+        last_path.with_name("best.pt").unlink(missing_ok=True)
         return fresh
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    log.info("resuming %s from epoch %d", cfg.name, payload["progress"]["epoch"])
+    log.info("resuming %s from epoch %d", identity["stage_config"]["name"],
+             payload["progress"]["epoch"])
     return dict(payload["progress"])
 
 

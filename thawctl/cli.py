@@ -15,10 +15,19 @@ LOCAL_ROOT = Path(".thaw")
 
 
 def _compile(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pipelines.settings import SettingsError, load_settings
     from pipelines.thaw_pipeline import compile_pipeline
 
-    path = compile_pipeline(args.output, image=args.image)
-    print(f"wrote {path} (image {args.image}): upload it in the Kubeflow UI")
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as err:
+        raise ThawError(str(err)) from err
+    if args.image:
+        settings = dataclasses.replace(settings, image=args.image)
+    path = compile_pipeline(args.output, settings)
+    print(f"wrote {path} (image {settings.image}): upload it in the Kubeflow UI")
     return 0
 
 
@@ -39,22 +48,34 @@ def _parameters(pairs: list[str]) -> dict[str, object]:
 def _print_outcome(outcome: dict) -> None:
     from thaw.steps import summary_markdown
 
+    run = outcome.get("pipeline_run")
+    if run is not None:
+        print(f"\npipeline run {run.run_id}: {run.state}")
+        for task in run.tasks.values():
+            if task.attempts or task.state == "CACHED":
+                print(f"  {task.display_name:<40} {task.state:<9} attempts {task.attempts} "
+                      f"{task.seconds:6.0f} s")
     print("\n" + summary_markdown(outcome))
     print(f"Serve it:  mlflow models serve -m '{outcome['model_uri']}'  "
           f"(or models:/{outcome['model_name']}@champion)")
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    from thaw.local_run import run_local
+    from thawctl.local_run import run_isolated, run_local
 
-    outcome = run_local(_parameters(args.param), LOCAL_ROOT / "local_outputs")
+    if args.isolated:
+        outcome = run_isolated(_parameters(args.param), LOCAL_ROOT / "isolated",
+                               engine=args.engine, image=args.image,
+                               settings_file=args.config)
+    else:
+        outcome = run_local(_parameters(args.param), LOCAL_ROOT / "local_outputs")
     _print_outcome(outcome)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from thaw.local_run import DEMO_PARAMETERS, run_local, upload_sample
     from thaw.stack import stack_up
+    from thawctl.local_run import DEMO_PARAMETERS, run_local, upload_sample
 
     info = stack_up(LOCAL_ROOT / "stack")
     os.environ.update(info.env())
@@ -80,7 +101,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from components import DEFAULT_IMAGE
     from thaw.config import PIPELINE_DEFAULTS as D
     from thaw.stack import add_stack_commands
 
@@ -89,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     compile_cmd = commands.add_parser("compile", help="write the pipeline YAML")
     compile_cmd.add_argument("--output", type=Path, default=Path("thaw_pipeline.yaml"))
-    compile_cmd.add_argument("--image", default=os.environ.get("THAW_IMAGE", DEFAULT_IMAGE),
-                             help="container image the steps run in (env THAW_IMAGE)")
+    compile_cmd.add_argument("--config", type=Path, default=None,
+                             help="cluster settings YAML (see infra/cluster.example.yaml)")
+    compile_cmd.add_argument("--image", default=os.environ.get("THAW_IMAGE"),
+                             help="container image the steps run in, overriding the "
+                                  "settings file (env THAW_IMAGE)")
     compile_cmd.set_defaults(func=_compile)
 
     for name, func, help_text in (
@@ -101,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                          help="pipeline parameter, e.g. --param full_epochs=2 (repeatable)")
         cmd.set_defaults(func=func)
+    run_local = commands.choices["run-local"]
+    run_local.add_argument("--isolated", action="store_true",
+                           help="run as a cluster does: each step in a fresh container of "
+                                "the image, artifacts only through S3, retries and caching "
+                                "as compiled")
+    run_local.add_argument("--engine", choices=("podman", "docker", "bwrap"),
+                           help="with --isolated: container engine (default: podman, then "
+                                "docker), or bwrap to run this venv with the same isolation")
+    run_local.add_argument("--image", help="with --isolated: image instead of the compiled one")
+    run_local.add_argument("--config", type=Path,
+                           help="with --isolated: cluster settings YAML to compile with")
 
     prepare = commands.add_parser("prepare", help="validate, split and resize a dataset")
     prepare.add_argument("source", help="local folder, s3://bucket/prefix or idx folder")
@@ -118,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
     try:
