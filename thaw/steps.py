@@ -9,6 +9,7 @@ picks the best stage by validation and applies the champion gate.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +31,9 @@ OUTCOME_FILE = "outcome.json"
 # s3:// prefix on a cluster, from the thaw-config ConfigMap). Unset: no mirroring.
 CHECKPOINT_ROOT_ENV = "THAW_CHECKPOINT_URI"
 FAILURE_FILE = "failed.json"
+# Each step ends with one line a person reads first (thawctl's console shows it).
+SUMMARY = "thaw summary: %s"
+log = logging.getLogger(__name__)
 
 
 def preprocess_step(data_uri: str, out_dir: Path, *, arch: str, image_size: int, seed: int,
@@ -40,6 +44,9 @@ def preprocess_step(data_uri: str, out_dir: Path, *, arch: str, image_size: int,
             data_uri, Path(out_dir), data_config=data_config(arch, image_size), seed=seed,
             max_bad_fraction=max_bad_fraction, workdir=Path(workdir),
         )
+    kept = sum(manifest.split_size(split) for split in manifest.counts)
+    log.info(SUMMARY, f"{kept} images kept, {len(manifest.skipped)} skipped, "
+                      f"{len(manifest.classes)} classes")
     return {"classes": manifest.classes, "counts": manifest.counts,
             "fingerprint": manifest.fingerprint, "skipped": len(manifest.skipped)}
 
@@ -72,6 +79,8 @@ def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[
         raise
     summary = result.to_dict()
     tracking.finish_stage_run(run_id, summary)
+    log.info(SUMMARY, f"{stage}: best val macro-F1 {result.best_val['macro_f1']:.3f} "
+                      f"(epoch {result.best_epoch})")
     (Path(out_dir) / STAGE_RUN_FILE).write_text(json.dumps({"run_id": run_id, "stage": stage}))
     return summary
 
@@ -140,6 +149,8 @@ def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, 
         })
     if not report["stages"]:
         raise ThawError("evaluate got no trained stage to evaluate")
+    log.info(SUMMARY, "test macro-F1 " + ", ".join(
+        f"{s['stage']} {s['test']['macro_f1']:.3f}" for s in report["stages"]))
     return report
 
 

@@ -36,6 +36,7 @@ import yaml
 
 from thaw import storage
 from thaw.errors import ThawError
+from thawctl.console import error_message, highlight
 from thawctl.sandbox import STAGING_MOUNTS, Sandbox, StepProcess, venv_env
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ class _Step:
         started = time.monotonic()
         cached = self._cache_lookup()
         if cached is not None:
-            echo(f"[{self.display}] cache hit: reusing outputs of an earlier run")
+            echo(f"= {self.display}: cache hit, outputs of an earlier run reused")
             return TaskOutcome(self.name, self.display, "CACHED", 0, 0.0, str(self.log),
                                artifacts=cached["artifacts"], parameters=cached["parameters"])
         policy = self.task.get("retryPolicy", {})
@@ -242,12 +243,13 @@ class _Step:
         limit = _seconds(policy.get("backoffMaxDuration", "3600s"))
         error = ""
         for attempt in range(1, attempts + 1):
-            echo(f"[{self.display}] attempt {attempt}/{attempts} started (log {self.log})")
+            tries = f" (attempt {attempt}/{attempts})" if attempt > 1 else ""
+            echo(f"▶ {self.display}{tries}  (log {self.log})")
             try:
                 outputs = self._attempt(attempt)
             except (_AttemptFailed, ThawError) as err:
                 error = str(err)
-                echo(f"[{self.display}] attempt {attempt} failed: {error}")
+                echo(f"✘ {self.display} attempt {attempt} failed: {error}")
                 if attempt < attempts:
                     time.sleep(min(delay, limit))
                     delay *= float(policy.get("backoffFactor", 2.0))
@@ -255,7 +257,7 @@ class _Step:
             outcome = TaskOutcome(self.name, self.display, "SUCCEEDED", attempt,
                                   time.monotonic() - started, str(self.log), **outputs)
             self._cache_store(outputs)
-            echo(f"[{self.display}] succeeded in {outcome.seconds:.0f} s")
+            echo(f"✔ {self.display} succeeded in {outcome.seconds:.0f} s")
             return outcome
         return TaskOutcome(self.name, self.display, "FAILED", attempts,
                            time.monotonic() - started, str(self.log), error=error)
@@ -287,12 +289,27 @@ class _Step:
                 log=self.log)
             if self.run.runner.on_started:
                 self.run.runner.on_started(self.name.split("/")[-1], attempt, process)
-            code = process.wait()
+            code = self._follow(process)
             if code != 0:
-                raise _AttemptFailed(f"exit code {code}{_last_error(self.log)}")
+                raise _AttemptFailed(
+                    f"exit code {code}: {error_message(self.log.read_text(errors='replace'))}")
             return self._collect(executor_input, mounts)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _follow(self, process: StepProcess) -> int:
+        """Wait for the step, echoing its epoch and summary lines as they are logged."""
+        echo = self.run.runner.echo
+        with open(self.log, errors="replace") as log:
+            log.seek(0, 2)
+            while True:
+                code = process.popen.poll()
+                for line in log.readlines():
+                    if (shown := highlight(line.rstrip("\n"))) is not None:
+                        echo(shown)
+                if code is not None:
+                    return code
+                time.sleep(0.5)
 
     def _executor_input(self) -> dict[str, Any]:
         outputs = self.component.get("outputDefinitions", {})
@@ -463,15 +480,3 @@ def _topological(tasks: dict[str, Any]) -> list[str]:
 
 def _seconds(duration: str) -> float:
     return float(str(duration).rstrip("s") or 0)
-
-
-def _last_error(log: Path) -> str:
-    """The step's own error line (a ThawError's text), not the traceback around it."""
-    try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        if line.startswith(("thaw.errors.ThawError:", "ThawError:")) or "Error:" in line:
-            return f": {line.strip()}"
-    return f": {lines[-1].strip()}" if lines else ""

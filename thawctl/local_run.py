@@ -14,6 +14,7 @@ from typing import Any
 
 from thaw import storage
 from thaw.errors import ThawError
+from thawctl.console import error_message, kfp_local_console
 from thawctl.fidelity import RunResult
 from thawctl.sandbox import StepProcess
 
@@ -50,10 +51,16 @@ def run_local(parameters: dict[str, Any], pipeline_root: Path) -> dict[str, Any]
     warnings.filterwarnings("ignore", module="kfp.local")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     started = time.time()
-    try:
-        build_pipeline()(**parameters)
-    except RuntimeError as err:  # kfp.local's "Pipeline ... finished with status FAILURE"
-        raise ThawError(f"the pipeline failed: {err}; see the step logs above") from err
+    log_dir = pipeline_root / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    with kfp_local_console(log_dir) as console:
+        try:
+            build_pipeline()(**parameters)
+        except RuntimeError as err:  # kfp.local's "Pipeline ... finished with status FAILURE"
+            if console.failed is None:
+                raise ThawError(f"the pipeline failed: {err}") from err
+            step, log = console.failed
+            raise ThawError(f"the pipeline failed at step {step!r}: "
+                            f"{error_message(log.read_text())} (full log: {log})") from err
     from thaw.steps import latest_outcome
 
     experiment = parameters.get("mlflow_experiment") or _default("mlflow_experiment")

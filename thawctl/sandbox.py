@@ -97,6 +97,9 @@ class Sandbox:
                     argv += ["--symlink", os.readlink(entry), str(entry)]
                 continue
             argv += ["--ro-bind", str(entry), str(entry)]
+        for path in _python_roots():  # a venv or checkout under /tmp, hidden by the tmpfs
+            if Path("/tmp") in path.parents:
+                argv += ["--ro-bind", str(path), str(path)]
         for inside, host in mounts.items():
             argv += ["--bind", str(host), inside]
         return argv + ["--chdir", "/tmp", "--", *command]
@@ -109,6 +112,15 @@ def _first_engine() -> str:
             return engine
     raise ThawError("no container engine answers (podman or docker): install podman "
                     "(apt-get install podman runc) or use --engine bwrap")
+
+
+def _python_roots() -> set[Path]:
+    """Where this interpreter and the code it imports live (an editable install points at
+    the checkout)."""
+    import thaw
+
+    return {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
+            Path(thaw.__file__).resolve().parents[1]}
 
 
 def venv_env() -> dict[str, str]:

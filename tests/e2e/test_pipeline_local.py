@@ -1,5 +1,7 @@
 """The whole pipeline through kfp.local on the embedded stack, from s3://, as `make demo`."""
 
+import subprocess
+import sys
 import uuid
 
 import mlflow
@@ -94,3 +96,20 @@ def test_a_failing_run_registers_nothing_and_fails_its_mlflow_run(first_run, nam
                                 output_format="list", order_by=["attributes.start_time DESC"],
                                 filter_string="tags.thaw.pipeline_run_id != ''")[0]
     assert newest.info.status == "FAILED"
+
+
+def test_a_failing_run_local_ends_with_the_step_and_its_error(stack, tmp_path):
+    """What a person sees: one line per step, and at the end the failed step's name, its
+    ThawError text and where its full log is; no executor JSON, no traceback wall."""
+    missing = f"s3://{stack.bucket}/datasets/not-there-{uuid.uuid4().hex[:6]}"
+    done = subprocess.run(
+        [sys.executable, "-m", "thawctl.cli", "run-local", "--param", f"data_uri={missing}"],
+        capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert done.returncode == 2
+    out = done.stdout + done.stderr
+    last = "\n".join(out.strip().splitlines()[-3:])
+    assert "source-version" in last
+    assert f"nothing found at {missing}" in last
+    assert "full log: " in last and ".thaw" in last
+    assert "executor_input" not in out and "Traceback" not in out
+    assert len(out.splitlines()) < 15, out
