@@ -1,10 +1,12 @@
-"""register: the best stage by validation metric into the MLflow registry, champion-gated."""
+"""register: the best stage by validation metric into the MLflow registry, champion-gated
+(the champion is scored on this run's prepared data, hence the ``prepared`` input)."""
 
-from kfp.dsl import Artifact, Input, Markdown, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
 
 
 def register(
     report: Input[Artifact],
+    prepared: Input[Dataset],
     probe_model: Input[Model],
     partial_model: Input[Model],
     full_model: Input[Model],
@@ -13,6 +15,7 @@ def register(
     model_name: str,
     selection_metric: str,
     promotion_margin: float,
+    promote_on_class_change: bool,
     summary: Output[Markdown],
 ) -> str:
     import json
@@ -23,9 +26,10 @@ def register(
     stage_dirs = {"probe": Path(probe_model.path), "partial": Path(partial_model.path),
                   "full": Path(full_model.path)}
     outcome = register_step(
-        json.loads(Path(report.path).read_text()), stage_dirs, experiment=mlflow_experiment,
-        pipeline_run_id=pipeline_run_id, model_name=model_name,
+        json.loads(Path(report.path).read_text()), stage_dirs, Path(prepared.path),
+        experiment=mlflow_experiment, pipeline_run_id=pipeline_run_id, model_name=model_name,
         selection_metric=selection_metric, promotion_margin=promotion_margin,
+        promote_on_class_change=promote_on_class_change,
     )
     Path(summary.path).write_text(summary_markdown(outcome))
     return outcome["model_uri"]

@@ -23,7 +23,7 @@ import yaml
 from components import DEFAULT_IMAGE
 
 STEP_KINDS = ("source_version", "preprocess", "train", "evaluate", "register", "finalize")
-GPU_STEPS = ("train", "evaluate")
+GPU_STEPS = ("train", "evaluate", "register")  # register scores stages and champion
 TOLERATION_OPERATORS = ("Equal", "Exists")
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
@@ -64,7 +64,7 @@ class Toleration:
 
 @dataclass(frozen=True)
 class Gpu:
-    """What the GPU steps (train, evaluate) request and where they may be scheduled."""
+    """What the GPU steps (train, evaluate, register) request and where they may be scheduled."""
 
     resource: str = "nvidia.com/gpu"
     count: int = 1
@@ -80,7 +80,7 @@ def _default_steps() -> dict[str, Step]:
                       retry=Retry(num_retries=2, backoff_duration="60s")),
         "evaluate": Step(cpu="4", memory="16G",
                          retry=Retry(num_retries=2, backoff_duration="30s")),
-        "register": Step(cpu="2", memory="8G"),
+        "register": Step(cpu="4", memory="16G"),
         "finalize": Step(cpu="1", memory="1G"),
     }
 

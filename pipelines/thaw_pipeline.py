@@ -90,6 +90,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
         model_name: str = D.model_name,
         selection_metric: str = D.selection_metric,
         promotion_margin: float = D.promotion_margin,
+        promote_on_class_change: bool = D.promote_on_class_change,
     ):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         finalize = c.finalize(mlflow_experiment=mlflow_experiment, pipeline_run_id=run_id)
@@ -122,10 +123,12 @@ def build_pipeline(settings: ClusterSettings | None = None):
             _configure(evaluate.set_display_name("evaluate: test split, every stage"),
                        "evaluate", cfg)
 
-            register = c.register(report=evaluate.outputs["report"], **models,
+            register = c.register(report=evaluate.outputs["report"],
+                                  prepared=prep.outputs["prepared"], **models,
                                   mlflow_experiment=mlflow_experiment, pipeline_run_id=run_id,
                                   model_name=model_name, selection_metric=selection_metric,
-                                  promotion_margin=promotion_margin)
+                                  promotion_margin=promotion_margin,
+                                  promote_on_class_change=promote_on_class_change)
             _configure(register.set_display_name("register best stage"), "register", cfg)
 
     return thaw_pipeline

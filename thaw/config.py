@@ -136,6 +136,9 @@ class PipelineDefaults:
     model_name: str = "thaw-classifier"
     selection_metric: str = "macro_f1"
     promotion_margin: float = 0.0
+    # A champion trained on another class list cannot be scored on the new data: keep it
+    # unless this is set.
+    promote_on_class_change: bool = False
 
 
 PIPELINE_DEFAULTS = PipelineDefaults()

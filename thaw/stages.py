@@ -74,3 +74,54 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, split: str = "test") 
     model = model_from_checkpoint(load_checkpoint(path))
     y_true, probs = predict_split(model, data, split)
     return classification_metrics(y_true, probs.argmax(1), data.manifest.classes, detailed=True)
+
+
+def score_checkpoint(path: Path, data: PreparedDataset, split: str) -> dict[str, Any]:
+    """Accuracy, macro-F1 and loss (plain cross-entropy: no label smoothing, no class
+    weights, so it means the same for every stage and every model) of a checkpoint on
+    ``split``: the one function the champion gate scores every model with.
+
+    The checkpoint must have been trained on ``data``'s class list. A checkpoint whose
+    preprocessing (input size, mean/std) is that of ``data`` sees the images exactly as in
+    training (``predict_split``); any other sees them through its own serving preprocessing
+    (resize to its input size, its mean/std), as ``models:/...`` would when served them.
+    ``as_served`` says which.
+    """
+    payload = load_checkpoint(path)
+    classes = data.manifest.classes
+    if list(payload["meta"]["classes"]) != classes:
+        raise ThawError(f"checkpoint {path} was trained on classes {payload['meta']['classes']}"
+                        f", but the dataset has {classes}")
+    as_served = not same_preprocessing(payload["meta"]["data_config"],
+                                       data.manifest.data_config())
+    if as_served:
+        y_true, probs = _predict_as_served(path, data, split)
+    else:
+        y_true, probs = predict_split(model_from_checkpoint(payload), data, split)
+    metrics = classification_metrics(y_true, probs.argmax(1), classes)
+    picked = np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1.0)
+    return {**metrics, "loss": float(-np.log(picked).mean()), "images": int(len(y_true)),
+            "as_served": as_served}
+
+
+def same_preprocessing(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two data configs turn a prepared image into the same model input (the
+    interpolation only matters when resizing, which equal input sizes never do)."""
+    return (list(a["input_size"]) == list(b["input_size"])
+            and np.allclose(a["mean"], b["mean"]) and np.allclose(a["std"], b["std"]))
+
+
+def _predict_as_served(path: Path, data: PreparedDataset, split: str,
+                       batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    from types import SimpleNamespace
+
+    from thaw.serving import ImageClassifier
+
+    served = ImageClassifier()
+    served.load_context(SimpleNamespace(artifacts={"checkpoint": str(path)}))
+    images, labels = data.images(split), data.labels(split)
+    probs = [np.asarray(served.predict(None, np.asarray(images[i:i + batch_size]))
+                        ["probabilities"].tolist(), dtype=np.float32)
+             for i in range(0, len(labels), batch_size)]
+    return labels, (np.concatenate(probs) if probs
+                    else np.zeros((0, len(data.manifest.classes)), np.float32))

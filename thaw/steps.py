@@ -154,32 +154,50 @@ def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, 
     return report
 
 
-def register_step(report: dict[str, Any], stage_dirs: dict[str, Path], *, experiment: str,
-                  pipeline_run_id: str, model_name: str, selection_metric: str,
-                  promotion_margin: float) -> dict[str, Any]:
+def register_step(report: dict[str, Any], stage_dirs: dict[str, Path], prepared_dir: Path, *,
+                  experiment: str, pipeline_run_id: str, model_name: str,
+                  selection_metric: str, promotion_margin: float,
+                  promote_on_class_change: bool = False) -> dict[str, Any]:
     """Register the stage with the best validation metric; move ``champion`` if it wins.
 
-    The checkpoints come from ``stage_dirs`` (this step's own input artifacts), never from
-    paths another step wrote into the report: on a cluster those are in another pod.
+    The checkpoints come from ``stage_dirs`` and the data from ``prepared_dir`` (this step's
+    own input artifacts), never from paths another step wrote into the report: on a cluster
+    those are in another pod. The champion gate scores the current champion on this data.
+    ``outcome.json``, ``summary.md`` and the parent run's tags are written before register
+    returns; if writing them fails, the registration is undone (alias and version).
     """
     missing = [s["stage"] for s in report["stages"] if s["stage"] not in stage_dirs]
     if missing:
         raise ThawError(f"register got no model artifact for stage(s) {missing}")
+    data = open_prepared(Path(prepared_dir))
+    if data.manifest.fingerprint != report["fingerprint"]:
+        raise ThawError(f"register got prepared data {data.manifest.fingerprint[:12]} but "
+                        f"evaluate's report is about {report['fingerprint'][:12]}")
     candidates = [{**s, "checkpoint": str(Path(stage_dirs[s["stage"]]) / "best.pt")}
                   for s in report["stages"]]
     parent = tracking.ensure_parent_run(experiment, pipeline_run_id)
-    registration = tracking.register_best(
-        parent_run_id=parent, model_name=model_name, candidates=candidates,
+    recorded: dict[str, Any] = {}
+
+    def record(registration: dict[str, Any]) -> None:
+        outcome = {**registration, "stages": report["stages"],
+                   "selection_metric": selection_metric}
+        client = MlflowClient()
+        client.log_dict(parent, outcome, OUTCOME_FILE)
+        client.log_text(parent, summary_markdown(outcome), "summary.md")
+        client.set_tag(parent, "thaw.registered_version", str(outcome["version"]))
+        client.set_tag(parent, "thaw.promoted", str(outcome["promoted"]).lower())
+        recorded.update(outcome)
+
+    tracking.register_best(
+        parent_run_id=parent, model_name=model_name, candidates=candidates, data=data,
         selection_metric=selection_metric, promotion_margin=promotion_margin,
+        promote_on_class_change=promote_on_class_change,
         data_fingerprint=report["fingerprint"], pipeline_run_id=pipeline_run_id,
+        on_registered=record,
     )
-    outcome = {**registration, "stages": report["stages"], "selection_metric": selection_metric}
-    client = MlflowClient()
-    client.log_dict(parent, outcome, OUTCOME_FILE)
-    client.log_text(parent, summary_markdown(outcome), "summary.md")
-    client.set_tag(parent, "thaw.registered_version", str(outcome["version"]))
-    client.set_tag(parent, "thaw.promoted", str(outcome["promoted"]).lower())
-    return outcome
+    log.info(SUMMARY, f"registered {model_name} v{recorded['version']} "
+                      f"({recorded['stage']}): {recorded['reason']}")
+    return recorded
 
 
 def latest_outcome(experiment: str, since: float) -> dict[str, Any]:
@@ -199,7 +217,7 @@ def latest_outcome(experiment: str, since: float) -> dict[str, Any]:
 
 
 def summary_markdown(outcome: dict[str, Any]) -> str:
-    """The human-readable result of a pipeline run: stage table, choice, registry outcome."""
+    """The human-readable result of a pipeline run: stage table, choice, champion gate."""
     metric = outcome["selection_metric"]
     lines = [
         "| stage | val acc | val macro-F1 | test acc | test macro-F1 | best epoch | time (s) |",
@@ -213,10 +231,35 @@ def summary_markdown(outcome: dict[str, Any]) -> str:
             f"{s['wall_seconds']:.0f} |")
     lines += [
         "",
-        f"Chosen by validation {metric}: **{outcome['stage']}**.",
+        f"Chosen by validation {metric}: **{outcome['stage']}**"
+        + (" (every stage re-scored on the validation split as the champion is)."
+           if outcome.get("gate") else "."),
         f"Registered **{outcome['model_name']}** version **{outcome['version']}**; "
         + ("alias `champion` now points to it." if outcome["promoted"]
            else "alias `champion` left where it was."),
+        *_gate_table(outcome),
         f"Why: {outcome['reason']}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _gate_table(outcome: dict[str, Any]) -> list[str]:
+    """The champion gate's numbers: challenger and champion, both scored on this run's
+    validation and test splits by the same function."""
+    gate = outcome.get("gate")
+    if not gate:  # an outcome recorded before the gate scored champions
+        return []
+    metric = gate["metric"]
+    keys = [metric] + [k for k in ("accuracy", "macro_f1") if k != metric]
+    direction = "higher" if gate["higher_is_better"] else "lower"
+    lines = ["", f"Champion gate, on this run's data (val {metric} decides, {direction} is "
+                 f"better, margin {gate['margin']:g}):", "",
+             "| model | " + " | ".join(f"val {k} | test {k}" for k in keys) + " |",
+             "|---|" + "---|---|" * len(keys)]
+    rows = [(f"v{outcome['version']} ({gate['challenger']['stage']}, new)", gate["challenger"])]
+    if gate.get("champion") and gate["champion"].get("val"):
+        rows.append((f"v{gate['champion']['version']} (champion)", gate["champion"]))
+    for name, scores in rows:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{scores['val'][k]:.4f} | {scores['test'][k]:.4f}" for k in keys) + " |")
+    return [*lines, ""]

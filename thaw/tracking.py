@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,6 +24,9 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from thaw import champion as gate
+from thaw.champion import CHAMPION
+from thaw.data.prepared import PreparedDataset
 from thaw.errors import ThawError
 
 log = logging.getLogger(__name__)
@@ -30,7 +34,7 @@ log = logging.getLogger(__name__)
 PIPELINE_RUN_TAG = "thaw.pipeline_run_id"
 STAGE_TAG = "thaw.stage"
 ERROR_TAG = "thaw.error"
-CHAMPION = "champion"
+PROMOTION_TAG = "thaw.promotion"  # the champion gate's reason, on the version and parent run
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 _MAX_TAG = 5000  # MLflow caps tag values at 8000 characters
 
@@ -165,23 +169,43 @@ def register_best(
     parent_run_id: str,
     model_name: str,
     candidates: list[dict[str, Any]],
+    data: PreparedDataset,
     selection_metric: str = "macro_f1",
     promotion_margin: float = 0.0,
+    promote_on_class_change: bool = False,
     data_fingerprint: str,
     pipeline_run_id: str,
+    on_registered: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Register the candidate stage with the best validation ``selection_metric`` and move the
-    ``champion`` alias to it if there is no champion yet or it beats the champion's validation
-    metric by at least ``promotion_margin``.
+    ``champion`` alias to it if the champion gate (``thaw.champion``) lets it through.
 
     Each candidate is ``{stage, run_id, checkpoint, val: {...}, test: {...}}``, in stage
-    order. Test metrics are recorded, never used to choose. A tie goes to the later stage.
-    If anything fails once the version exists, the version is deleted again, so a failed
-    registration leaves no model behind.
-    """
-    best = _choose(candidates, selection_metric, promotion_margin)
-    from thaw.serving import log_classifier
+    order. Every candidate and the current champion are scored by one function on ``data``
+    (the prepared dataset the candidates were trained on): on its validation split to choose
+    and to decide (a tie goes to the later stage; a tie with the champion never promotes),
+    on its test split for the record only.
 
+    ``on_registered(outcome)`` runs once the version is registered and the alias set (the
+    caller's own records). If anything fails after the version exists, the alias is given
+    back to the previous champion (or removed if there was none) and the version deleted,
+    so a failed registration changes nothing.
+    """
+    from thaw.serving import log_classifier
+    from thaw.stages import score_checkpoint
+
+    _check_candidates(candidates, selection_metric, promotion_margin)
+    scored = [{**c, "score": score_checkpoint(Path(c["checkpoint"]), data, "val")}
+              for c in candidates]
+    best = gate.choose(scored, selection_metric)
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        current = gate.fetch_champion(client, model_name, Path(tmp))
+        decision = gate.decide(best, current, data, metric=selection_metric,
+                               margin=promotion_margin,
+                               promote_on_class_change=promote_on_class_change)
+    previous = decision["previous_champion_version"]
+    challenger = decision["challenger"]
     info = log_classifier(Path(best["checkpoint"]), name="model", run_id=best["run_id"])
     tags = {
         STAGE_TAG: best["stage"],
@@ -189,79 +213,92 @@ def register_best(
         "thaw.parent_run_id": parent_run_id,
         "thaw.data_fingerprint": data_fingerprint,
         "thaw.selection_metric": selection_metric,
-        **{f"val_{key}": value for key, value in _numbers(best["val"])},
-        **{f"test_{key}": value for key, value in _numbers(best.get("test") or {})},
+        **{f"{split}_{key}": challenger[split][key]
+           for split in ("val", "test") for key in gate.REPORTED},
     }
     version = mlflow.register_model(info.model_uri, model_name, tags=tags).version
-    client = MlflowClient()
+    moved = False
     try:
-        outcome = _champion_gate(client, model_name, version, best, selection_metric,
-                                 promotion_margin, data_fingerprint)
-        client.set_model_version_tag(model_name, version, "thaw.promotion", outcome["reason"])
-        if outcome["promoted"]:
-            client.set_registered_model_alias(model_name, CHAMPION, version)
+        reason = gate.reason(decision, version)
+        client.set_model_version_tag(model_name, version, PROMOTION_TAG, reason[:_MAX_TAG])
+        if decision["promoted"]:
+            _move_alias(client, model_name, version, expected=previous)
+            moved = True
         client.log_batch(parent_run_id, tags=[
             RunTag("thaw.best_stage", best["stage"]),
             RunTag("thaw.registered_model", f"{model_name}/{version}"),
-            RunTag("thaw.promoted", str(outcome["promoted"]).lower()),
+            RunTag("thaw.promoted", str(decision["promoted"]).lower()),
+            RunTag(PROMOTION_TAG, reason[:_MAX_TAG]),
         ])
-    except BaseException:
-        client.delete_model_version(model_name, version)
+        outcome = {
+            "model_name": model_name, "version": version, "stage": best["stage"],
+            "model_uri": f"models:/{model_name}/{version}", "promoted": decision["promoted"],
+            "champion_version": version if decision["promoted"] else previous,
+            "previous_champion_version": previous, "reason": reason,
+            "gate": {key: decision[key] for key in ("kind", "metric", "higher_is_better",
+                                                    "margin", "challenger", "champion",
+                                                    "class_change")}
+            | {"stage_val": {c["stage"]: c["score"] for c in scored}},
+        }
+        if on_registered is not None:
+            on_registered(outcome)
+    except BaseException as err:
+        _undo_registration(client, model_name, version, previous, moved, err, parent_run_id)
         raise
-    return {"model_name": model_name, "version": version, "stage": best["stage"],
-            "model_uri": f"models:/{model_name}/{version}", **outcome}
+    return outcome
 
 
-def _choose(candidates: list[dict[str, Any]], metric: str, margin: float) -> dict[str, Any]:
+def _check_candidates(candidates: list[dict[str, Any]], metric: str, margin: float) -> None:
     if not candidates:
         raise ThawError("no candidate stage to register: every stage failed or was skipped")
+    gate.check_metric(metric)
     if not margin >= 0:  # also rejects NaN
         raise ThawError(f"promotion_margin must be >= 0, got {margin}")
     for candidate in candidates:
         missing = [k for k in ("stage", "run_id", "checkpoint", "val") if k not in candidate]
         if missing:
             raise ThawError(f"candidate {candidate.get('stage', '?')} lacks {missing}")
-        if metric not in candidate["val"]:
-            raise ThawError(f"unknown selection metric {metric!r}: stage "
-                            f"{candidate['stage']} has validation metrics "
-                            f"{sorted(candidate['val'])}")
-    best = candidates[0]
-    for candidate in candidates[1:]:
-        if candidate["val"][metric] >= best["val"][metric]:
-            best = candidate
-    return best
 
 
-def _champion_gate(client: MlflowClient, model_name: str, version: str, best: dict[str, Any],
-                   metric: str, margin: float, fingerprint: str) -> dict[str, Any]:
-    """Whether the new version should take the ``champion`` alias, and why (in words)."""
-    value = float(best["val"][metric])
-    champion_version = client.get_registered_model(model_name).aliases.get(CHAMPION)
-    if champion_version is None:
-        return {"promoted": True, "champion_version": version, "previous_champion_version": None,
-                "reason": f"no champion yet: v{version} ({best['stage']}, val {metric} "
-                          f"{value:.4f}) becomes champion"}
-    champion = client.get_model_version(model_name, champion_version)
-    key = f"val_{metric}"
-    try:
-        current = float(champion.tags[key])
-    except (KeyError, ValueError):
-        raise ThawError(
-            f"champion v{champion.version} of {model_name!r} has no numeric {key} tag "
-            f"(registered outside thaw, or with another selection metric?); compare by hand "
-            f"and move the alias, or delete it with MlflowClient().delete_registered_model_alias"
-        ) from None
-    promoted = value >= current + margin
-    verdict = (f"beats champion v{champion.version} ({current:.4f}) by margin {margin:g}: "
-               f"v{version} becomes champion") if promoted else (
-               f"does not beat champion v{champion.version} ({current:.4f}) by margin "
-               f"{margin:g}: champion stays v{champion.version}")
-    note = ("" if champion.tags.get("thaw.data_fingerprint") == fingerprint
-            else " (note: the champion was validated on different data)")
-    return {"promoted": promoted,
-            "champion_version": version if promoted else champion.version,
-            "previous_champion_version": champion.version,
-            "reason": f"val {metric} {value:.4f} {verdict}{note}"}
+def _move_alias(client: MlflowClient, model_name: str, version: str,
+                expected: str | None) -> None:
+    """Point ``champion`` at ``version``, unless another run moved it since the gate read it
+    (the comparison would then be against the wrong model)."""
+    now = client.get_registered_model(model_name).aliases.get(CHAMPION)
+    if now != expected:
+        raise ThawError(f"the champion alias of {model_name!r} moved to v{now} while this run "
+                        f"compared against {f'v{expected}' if expected else 'no champion'}: "
+                        f"run the registration again")
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+
+
+def _undo_registration(client: MlflowClient, model_name: str, version: str,
+                       previous: str | None, moved: bool, err: BaseException,
+                       parent_run_id: str) -> None:
+    """Give the alias back to ``previous`` (or remove it) if it was moved, delete the new
+    version and say so on the parent run. A step of this that fails is added to ``err``'s
+    notes, never raised."""
+    undone = f"registration of v{version} undone after an error: {err}"[:_MAX_TAG]
+    steps: list[tuple[str, Callable[[], Any]]] = []
+    if moved and previous is not None:
+        steps.append((f"give {CHAMPION} back to v{previous}", lambda: client.
+                      set_registered_model_alias(model_name, CHAMPION, previous)))
+    elif moved:
+        steps.append((f"remove {CHAMPION} from v{version}", lambda: client.
+                      delete_registered_model_alias(model_name, CHAMPION)))
+    steps.append((f"delete v{version}", lambda: client.delete_model_version(model_name,
+                                                                             version)))
+    tags = [RunTag("thaw.promoted", "false"), RunTag(PROMOTION_TAG, undone),
+            RunTag("thaw.registered_model", f"{model_name}/{version} (deleted)")]
+    steps.append(("record the undo on the parent run",
+                  lambda: client.log_batch(parent_run_id, tags=tags)))
+    for what, undo in steps:
+        try:
+            undo()
+        except Exception as undo_err:  # keep the original error; say what is left to fix
+            log.error("registration of %s failed and could not %s: %s", model_name, what,
+                      undo_err)
+            err.add_note(f"could not {what} of {model_name!r} after this failure: {undo_err}")
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:

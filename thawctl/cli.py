@@ -1,4 +1,4 @@
-"""`thaw` command line: compile, run-local, demo, stack, prepare."""
+"""`thaw` command line: compile, run-local, demo, stack, prepare, submit, schedule."""
 
 from __future__ import annotations
 
@@ -15,17 +15,10 @@ LOCAL_ROOT = Path(".thaw")
 
 
 def _compile(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from pipelines.settings import SettingsError, load_settings
     from pipelines.thaw_pipeline import compile_pipeline
+    from thawctl.compiled import cluster_settings
 
-    try:
-        settings = load_settings(args.config)
-    except SettingsError as err:
-        raise ThawError(str(err)) from err
-    if args.image:
-        settings = dataclasses.replace(settings, image=args.image)
+    settings = cluster_settings(args.config, args.image)
     path = compile_pipeline(args.output, settings)
     print(f"wrote {path} (image {settings.image}): upload it in the Kubeflow UI")
     return 0
@@ -103,6 +96,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from thaw.config import PIPELINE_DEFAULTS as D
     from thaw.stack import add_stack_commands
+    from thawctl.kfp_cli import add_kfp_commands
 
     parser = argparse.ArgumentParser(prog="thaw", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_prepare)
 
     add_stack_commands(commands)
+    add_kfp_commands(commands)
     return parser
 
 

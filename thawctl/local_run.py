@@ -3,7 +3,6 @@ step by step in isolated containers through the cluster-fidelity runner; and the
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -79,15 +78,13 @@ def run_isolated(parameters: dict[str, Any], work_dir: Path, *, engine: str | No
     stack's, or yours); checkpoints for resuming go to ``<pipeline root>/../checkpoints``
     unless ``THAW_CHECKPOINT_URI`` is set. Returns the outcome register recorded.
     """
-    from pipelines.settings import load_settings
     from pipelines.thaw_pipeline import compile_pipeline
+    from thawctl.compiled import cluster_settings
     from thawctl.fidelity import ClusterPlay, FidelityRunner
     from thawctl.sandbox import Sandbox
 
     _require_tracking()
-    settings = load_settings(settings_file)
-    if image:
-        settings = dataclasses.replace(settings, image=image)
+    settings = cluster_settings(settings_file, image)
     root = (pipeline_root or settings.pipeline_root or DEFAULT_PIPELINE_ROOT).rstrip("/")
     storage.ensure_bucket(root)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -122,82 +122,37 @@ def test_failed_pipeline_fails_parent_and_running_children(stack: StackInfo) -> 
     assert failed.info.status == "FAILED"
 
 
-def _candidates(parent: str, checkpoint: Path, scores: dict[str, tuple[float, float]]) -> list:
-    """One finished stage run per ``stage: (val macro_f1, test macro_f1)``."""
-    out = []
-    for stage, (val, test) in scores.items():
-        run_id = tracking.start_stage_run(parent, stage, {})
-        tracking.finish_stage_run(run_id, _result(stage, 1))
-        out.append({"stage": stage, "run_id": run_id, "checkpoint": str(checkpoint),
-                    "val": {"accuracy": val, "macro_f1": val},
-                    "test": {"accuracy": test, "macro_f1": test}})
-    return out
-
-
-def _register(parent: str, model: str, candidates: list, margin: float = 0.0) -> dict:
+def _register(parent: str, model: str, candidates: list, data, margin: float = 0.0,
+              **options) -> dict:
     return tracking.register_best(parent_run_id=parent, model_name=model, candidates=candidates,
-                                  promotion_margin=margin, data_fingerprint="fp1",
-                                  pipeline_run_id="p1")
-
-
-def test_register_best_and_champion_gate(stack: StackInfo, checkpoint: Path) -> None:
-    client = MlflowClient()
-    model = _name("model")
-    parent = tracking.ensure_parent_run(_name("exp"), uuid.uuid4().hex)
-
-    # Chosen by validation: probe has the better test score but the worse val score.
-    first = _register(parent, model, _candidates(parent, checkpoint,
-                                                 {"probe": (0.70, 0.95), "partial": (0.80, 0.60)}))
-    assert (first["stage"], first["version"], first["promoted"]) == ("partial", "1", True)
-    assert first["previous_champion_version"] is None
-    assert first["champion_version"] == "1"
-    assert first["model_uri"] == f"models:/{model}/1"
-    version = client.get_model_version_by_alias(model, "champion")
-    assert version.version == "1"
-    assert version.tags["thaw.stage"] == "partial"
-    assert float(version.tags["val_macro_f1"]) == 0.80
-    assert float(version.tags["test_macro_f1"]) == 0.60
-    assert version.tags["thaw.data_fingerprint"] == "fp1"
-    assert client.get_run(parent).data.tags["thaw.registered_model"] == f"{model}/1"
-
-    # Better, but not by the margin: registered, alias left alone, and the reason says why.
-    second = _register(parent, model, _candidates(parent, checkpoint, {"full": (0.805, 0.9)}),
-                       margin=0.01)
-    assert (second["version"], second["promoted"], second["champion_version"]) == ("2", False, "1")
-    assert "does not beat champion v1 (0.8000) by margin 0.01" in second["reason"]
-    assert client.get_model_version_by_alias(model, "champion").version == "1"
-
-    third = _register(parent, model, _candidates(parent, checkpoint, {"full": (0.85, 0.5)}),
-                      margin=0.01)
-    assert (third["version"], third["promoted"]) == ("3", True)
-    assert third["previous_champion_version"] == "1"
-    assert client.get_model_version_by_alias(model, "champion").version == "3"
+                                  data=data, promotion_margin=margin, data_fingerprint="fp1",
+                                  pipeline_run_id="p1", **options)
 
 
 def test_register_best_rejects_bad_input_and_leaves_no_version(
-        stack: StackInfo, checkpoint: Path, tmp_path: Path) -> None:
+        stack: StackInfo, checkpoint: Path, prepared_sample, tmp_path: Path) -> None:
+    """Every check runs before anything is registered. (The champion gate itself, with real
+    models: tests/integration/test_champion_gate.py.)"""
     client = MlflowClient()
     model = _name("model")
     parent = tracking.ensure_parent_run(_name("exp"), uuid.uuid4().hex)
-    good = _candidates(parent, checkpoint, {"probe": (0.5, 0.5)})
+    run_id = tracking.start_stage_run(parent, "probe", {})
+    good = [{"stage": "probe", "run_id": run_id, "checkpoint": str(checkpoint),
+             "val": {"accuracy": 0.5, "macro_f1": 0.5}, "test": {}}]
 
     with pytest.raises(ThawError, match="no candidate"):
-        _register(parent, model, [])
+        _register(parent, model, [], prepared_sample)
     with pytest.raises(ThawError, match="promotion_margin"):
-        _register(parent, model, good, margin=-0.1)
-    with pytest.raises(ThawError, match="unknown selection metric 'auc'"):
-        tracking.register_best(parent_run_id=parent, model_name=model, candidates=good,
-                               selection_metric="auc", data_fingerprint="fp",
-                               pipeline_run_id="p")
+        _register(parent, model, good, prepared_sample, margin=-0.1)
+    with pytest.raises(ThawError, match="unknown selection metric 'auc': expected one of "
+                                        "accuracy, loss, macro_f1"):
+        _register(parent, model, good, prepared_sample, selection_metric="auc")
+    with pytest.raises(ThawError, match="lacks"):
+        _register(parent, model, [{"stage": "probe"}], prepared_sample)
     missing = [{**good[0], "checkpoint": str(tmp_path / "nope.pt")}]
     with pytest.raises(ThawError, match="checkpoint not found"):
-        _register(parent, model, missing)
+        _register(parent, model, missing, prepared_sample)
+    # This checkpoint was trained on other classes than the data it would be scored on.
+    with pytest.raises(ThawError, match="was trained on classes"):
+        _register(parent, model, good, prepared_sample)
     assert client.search_model_versions(f"name = '{model}'") == []
-
-    assert _register(parent, model, good)["version"] == "1"
-    # A champion that cannot be compared fails the registration after the version was
-    # created: the new version must be deleted again.
-    client.set_model_version_tag(model, "1", "val_macro_f1", "n/a")
-    with pytest.raises(ThawError, match="no numeric val_macro_f1"):
-        _register(parent, model, good)
-    assert [v.version for v in client.search_model_versions(f"name = '{model}'")] == ["1"]

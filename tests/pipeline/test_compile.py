@@ -32,10 +32,12 @@ def test_steps_and_their_order(spec):
     assert deps["train-2"] == {"preprocess", "train"}
     assert deps["train-3"] == {"preprocess", "train-2"}
     assert deps["evaluate"] == {"preprocess", "train", "train-2", "train-3"}
-    # register gets the models as its own inputs, never paths inside another step's pod
-    assert deps["register"] == {"evaluate", "train", "train-2", "train-3"}
+    # register gets the models and the data (the champion gate scores the champion on it) as
+    # its own inputs, never paths inside another step's pod
+    assert deps["register"] == {"preprocess", "evaluate", "train", "train-2", "train-3"}
     assert sorted(tasks["register"]["inputs"]["artifacts"]) == [
-        "full_model", "partial_model", "probe_model", "report"]
+        "full_model", "partial_model", "prepared", "probe_model", "report"]
+    assert "promote_on_class_change" in tasks["register"]["inputs"]["parameters"]
     names = [tasks[t]["taskInfo"]["name"] for t in STEPS]
     assert names[2].startswith("probe") and names[4].startswith("full")
 
