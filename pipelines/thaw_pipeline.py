@@ -92,6 +92,33 @@ def build_pipeline(settings: ClusterSettings | None = None):
         promotion_margin: float = D.promotion_margin,
         promote_on_class_change: bool = D.promote_on_class_change,
     ):
+        """Staged transfer learning, every stage evaluated, the best registered.
+
+        Args:
+            data_uri: Dataset: s3://bucket/prefix (or a path) in ImageFolder layout,
+                <class>/<image> or train|val|test/<class>/<image>, or Fashion-MNIST idx files.
+            backbone: Any timm model name, e.g. resnet50 or efficientnet_lite0.
+            weights: hub (timm pretrained), packaged (offline EfficientNet-Lite0), none, or a
+                .pth/.safetensors path or s3:// URI.
+            image_size: Input size the images are resized to once, and trained at.
+            probe_epochs: Most epochs of the head-only probe (early stopping may end sooner).
+            probe_lr: Head learning rate of the probe.
+            partial_epochs: Most epochs with the last stage (ResNet layer4) unfrozen.
+            partial_lr: Head learning rate of the partial stage (the backbone gets less).
+            full_epochs: Most epochs of the full fine-tune.
+            full_lr: Head learning rate of the full fine-tune; earlier layers get less.
+            batch_size: Images per training step.
+            seed: Seeds the split, the new head and every random draw.
+            max_bad_fraction: Fail preprocessing when more files than this are unusable.
+            mlflow_experiment: MLflow experiment of the parent and stage runs.
+            model_name: Registered model name; the winner may take alias champion.
+            selection_metric: macro_f1, accuracy or loss (lower is better): chooses the
+                stage on validation and gates champion.
+            promotion_margin: How much the new model must beat the champion by, on this
+                run's validation split.
+            promote_on_class_change: Let a model with another class list replace the
+                champion it cannot be compared with.
+        """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         finalize = c.finalize(mlflow_experiment=mlflow_experiment, pipeline_run_id=run_id)
         _configure(finalize.set_display_name("close MLflow run"), "finalize", cfg)

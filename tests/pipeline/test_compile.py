@@ -111,3 +111,9 @@ def test_the_minimum_kfp_backend_is_stated_where_operators_look(spec):
     assert f">= {MIN_KFP_BACKEND}" in spec["pipeline"]["pipelineInfo"]["description"]
     for doc in (root / "README.md", root / "infra" / "README.md"):
         assert f"Kubeflow Pipelines >= {MIN_KFP_BACKEND}" in doc.read_text(), doc
+
+
+def test_every_parameter_has_a_description_for_the_kubeflow_ui(spec):
+    params = spec["pipeline"]["root"]["inputDefinitions"]["parameters"]
+    missing = [name for name, p in params.items() if len(p.get("description", "")) < 10]
+    assert not missing, missing
