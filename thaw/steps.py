@@ -18,7 +18,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
-from thaw import storage, tracking
+from thaw import mlflow_views, storage, tracking
 from thaw.backbones import data_config
 from thaw.config import STAGE_NAMES, stage_config
 from thaw.data.prepare import prepare_dataset
@@ -66,6 +66,7 @@ def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[
     run_id = tracking.start_stage_run(parent, stage, {
         **cfg.to_dict(), "arch": arch, "weights": weights if init_dir is None else "previous stage",
         "data_fingerprint": data.manifest.fingerprint, "classes": len(data.manifest.classes)})
+    mlflow_views.log_source_dataset(run_id, data.manifest)
     try:
         result = run_stage(
             data, cfg, Path(out_dir), arch=arch, weights=weights,
@@ -195,6 +196,9 @@ def register_step(report: dict[str, Any], stage_dirs: dict[str, Path], prepared_
         data_fingerprint=report["fingerprint"], pipeline_run_id=pipeline_run_id,
         on_registered=record,
     )
+    mlflow_views.log_stage_comparison(parent, recorded)
+    mlflow_views.log_stage_models(recorded, {stage: Path(stage_dirs[stage]) / "best.pt"
+                                             for stage in stage_dirs})
     log.info(SUMMARY, f"registered {model_name} v{recorded['version']} "
                       f"({recorded['stage']}): {recorded['reason']}")
     return recorded

@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from thaw import champion as gate
+from thaw import mlflow_views
 from thaw.champion import CHAMPION
 from thaw.data.prepared import PreparedDataset
 from thaw.errors import ThawError
@@ -305,7 +306,7 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags=mlflow_views.experiment_tags())
         except MlflowException as err:  # another step created it meanwhile
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -314,6 +315,9 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
         raise ThawError(f"MLflow experiment {name!r} is deleted: restore it "
                         f"(mlflow experiments restore --experiment-id "
                         f"{experiment.experiment_id}) or use another experiment name")
+    if mlflow_views.EXPERIMENT_KIND_TAG not in experiment.tags:  # made before thaw set it
+        for key, value in mlflow_views.experiment_tags().items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 

@@ -58,9 +58,11 @@ def test_mlflow_tracking_artifacts_and_registry(stack: StackInfo, tmp_path: Path
     client = MlflowClient()
     assert client.get_metric_history(run.info.run_id, "acc")[0].value == 0.5
     # Artifacts are proxied by the server into the bucket under the MLflow prefix.
-    listed = _s3(stack).list_objects_v2(Bucket=stack.bucket, Prefix=f"{stack.artifact_prefix}/")
+    # (listed under this run's own prefix: a page holds at most 1000 keys of the bucket)
+    prefix = f"{stack.artifact_prefix}/{run.info.experiment_id}/{run.info.run_id}/"
+    listed = _s3(stack).list_objects_v2(Bucket=stack.bucket, Prefix=prefix)
     keys = [obj["Key"] for obj in listed.get("Contents", [])]
-    assert any(key.endswith(f"{run.info.run_id}/artifacts/notes/note.txt") for key in keys), keys
+    assert f"{prefix}artifacts/notes/note.txt" in keys, keys
 
     version = mlflow.register_model(model.model_uri, name)
     client.set_registered_model_alias(name, "champion", version.version)
