@@ -1,6 +1,6 @@
 """evaluate: every stage's best checkpoint on the held-out test split."""
 
-from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 
 def evaluate(
@@ -10,7 +10,6 @@ def evaluate(
     full_model: Input[Model],
     report: Output[Artifact],
     test_metrics: Output[Metrics],
-    confusion: Output[ClassificationMetrics],
 ):
     import json
     from pathlib import Path
@@ -21,8 +20,6 @@ def evaluate(
                   "full": Path(full_model.path)}
     result = evaluate_step(Path(prepared.path), stage_dirs)
     Path(report.path).write_text(json.dumps(result, indent=2))
-    best = max(result["stages"], key=lambda s: s["val"]["macro_f1"])
     for stage in result["stages"]:
         test_metrics.log_metric(f"{stage['stage']}_test_accuracy", stage["test"]["accuracy"])
         test_metrics.log_metric(f"{stage['stage']}_test_macro_f1", stage["test"]["macro_f1"])
-    confusion.log_confusion_matrix(result["classes"], best["test"]["confusion_matrix"])

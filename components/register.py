@@ -1,7 +1,16 @@
 """register: the best stage by validation metric into the MLflow registry, champion-gated
 (the champion is scored on this run's prepared data, hence the ``prepared`` input)."""
 
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
+from kfp.dsl import (
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,
+    Metrics,
+    Model,
+    Output,
+)
 
 
 def register(
@@ -17,6 +26,8 @@ def register(
     promotion_margin: float,
     promote_on_class_change: bool,
     summary: Output[Markdown],
+    chosen_metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
 ) -> str:
     import json
     from pathlib import Path
@@ -25,11 +36,18 @@ def register(
 
     stage_dirs = {"probe": Path(probe_model.path), "partial": Path(partial_model.path),
                   "full": Path(full_model.path)}
+    evaluated = json.loads(Path(report.path).read_text())
     outcome = register_step(
-        json.loads(Path(report.path).read_text()), stage_dirs, Path(prepared.path),
+        evaluated, stage_dirs, Path(prepared.path),
         experiment=mlflow_experiment, pipeline_run_id=pipeline_run_id, model_name=model_name,
         selection_metric=selection_metric, promotion_margin=promotion_margin,
         promote_on_class_change=promote_on_class_change,
     )
     Path(summary.path).write_text(summary_markdown(outcome))
+    # The KFP UI shows the chosen stage: its test confusion matrix and numbers.
+    chosen = next(s for s in evaluated["stages"] if s["stage"] == outcome["stage"])
+    confusion.log_confusion_matrix(evaluated["classes"], chosen["test"]["confusion_matrix"])
+    for split in ("val", "test"):
+        for key in ("accuracy", "macro_f1"):
+            chosen_metrics.log_metric(f"{outcome['stage']}_{split}_{key}", chosen[split][key])
     return outcome["model_uri"]

@@ -117,3 +117,12 @@ def test_every_parameter_has_a_description_for_the_kubeflow_ui(spec):
     params = spec["pipeline"]["root"]["inputDefinitions"]["parameters"]
     missing = [name for name, p in params.items() if len(p.get("description", "")) < 10]
     assert not missing, missing
+
+
+def test_the_kubeflow_ui_shows_the_chosen_stage_confusion_matrix(spec):
+    """Register chose the stage, so register (not evaluate) shows its confusion matrix."""
+    components = spec["pipeline"]["components"]
+    outputs = components["comp-register"]["outputDefinitions"]["artifacts"]
+    assert outputs["confusion"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics"
+    assert outputs["summary"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    assert "confusion" not in components["comp-evaluate"]["outputDefinitions"]["artifacts"]
