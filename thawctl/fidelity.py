@@ -450,6 +450,10 @@ def _coerce(value: Any, parameter_type: str, name: str) -> Any:
         if parameter_type == "STRING":
             return str(value)
         if parameter_type == "BOOLEAN":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError
+                return value.lower() == "true"
             return bool(value)
     except (TypeError, ValueError):
         raise ThawError(f"parameter {name!r} must be {parameter_type.lower()}, "

@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from thaw.errors import ThawError
@@ -48,18 +48,16 @@ class Sandbox:
     """How steps are started. ``engine``: podman, docker or bwrap."""
 
     engine: str
-    image: str | None = None  # None: the image the compiled step names
-    extra_args: list[str] = field(default_factory=list)
 
     @classmethod
-    def detect(cls, engine: str | None = None, image: str | None = None) -> Sandbox:
+    def detect(cls, engine: str | None = None) -> Sandbox:
         """The given engine, or the first container engine found (podman, then docker)."""
         engine = engine or os.environ.get("THAW_CONTAINER_ENGINE") or _first_engine()
         if engine not in ENGINES:
             raise ThawError(f"unknown engine {engine!r}; use one of {ENGINES}")
         if shutil.which(engine) is None:
             raise ThawError(f"{engine} is not installed (apt-get install {engine})")
-        return cls(engine=engine, image=image)
+        return cls(engine=engine)
 
     def start(self, *, name: str, image: str, command: list[str], env: dict[str, str],
               mounts: dict[str, Path], log: Path) -> StepProcess:
@@ -68,7 +66,7 @@ class Sandbox:
             if self.engine == "bwrap":
                 argv, kill = self._bwrap(command, env, mounts), None
             else:
-                argv = self._container(name, self.image or image, command, env, mounts)
+                argv = self._container(name, image, command, env, mounts)
                 kill = [self.engine, "kill", "--signal", "KILL", name]
             popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
@@ -85,7 +83,7 @@ class Sandbox:
             argv += ["--env", f"{key}={value}"]
         for inside, host in mounts.items():
             argv += ["--volume", f"{host}:{inside}:rw"]
-        return argv + self.extra_args + ["--entrypoint", command[0], image, *command[1:]]
+        return argv + ["--entrypoint", command[0], image, *command[1:]]
 
     def _bwrap(self, command: list[str], env: dict[str, str],
                mounts: dict[str, Path]) -> list[str]:
