@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,7 @@ class CheckpointMirror:
                 if storage.exists(remote):
                     storage.download_file(remote, local)
             elif Path(remote).is_file():
-                local.write_bytes(Path(remote).read_bytes())
+                _copy_atomically(Path(remote), local)
         if (self.local_dir / "last.pt").exists():
             log.info("found checkpoints of an earlier attempt at %s", self.uri)
 
@@ -105,6 +106,11 @@ class CheckpointMirror:
             storage.upload_file(path, remote)
             return
         Path(self.uri).mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{remote}.tmp")
-        tmp.write_bytes(path.read_bytes())
-        os.replace(tmp, remote)
+        _copy_atomically(path, Path(remote))
+
+
+def _copy_atomically(src: Path, dest: Path) -> None:
+    """Copy in chunks under a temporary name, then rename: never a half checkpoint."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
