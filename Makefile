@@ -16,7 +16,7 @@ IMAGE_ENV = IMAGE='$(IMAGE)' VERSION='$(VERSION)' BASE_IMAGE='$(BASE_IMAGE)' \
 	PREFETCH_BACKBONES='$(PREFETCH_BACKBONES)' CONTAINER_ENGINE='$(CONTAINER_ENGINE)'
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo compile bench sample-data stack-up stack-down clean
+.PHONY: help install test test-fast lint format demo compile bench bench-quality sample-data stack-up stack-down clean
 .PHONY: image image-name image-if-engine push base-image
 
 help: ## list the targets
@@ -49,8 +49,11 @@ demo: install ## start the embedded stack and run the whole pipeline on the samp
 compile: install ## write the pipeline YAML to upload in the Kubeflow UI
 	$(BIN)/thaw compile --output pipelines/thaw_pipeline.yaml
 
-bench: install ## speed and quality benchmarks, JSON out (benchmarks/results/)
+bench: install ## stage speed and loop efficiency on the sample, JSON out (benchmarks/results/)
 	$(PY) benchmarks/stages.py --output benchmarks/results/stages.json
+
+bench-quality: install ## thaw vs the textbook script: 4 datasets, 2 budgets, 3 seeds (~1 h on 2 cores)
+	$(PY) benchmarks/quality.py $(BENCH_ARGS)
 
 sample-data: install ## regenerate the committed Fashion-MNIST sample (needs dataset-fashion-mnist)
 	$(PY) -m thaw.data.fashion_mnist --out thaw/sample_data/fashion-mnist-sample --per-class 60

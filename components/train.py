@@ -1,4 +1,6 @@
-"""train: one stage of the recipe (probe, partial or full); the stage name picks its defaults."""
+"""train: one stage of the recipe (probe, partial or full); the stage name picks its defaults.
+
+``augment`` empty keeps the stage's own (the probe trains on cached features: none)."""
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
@@ -17,6 +19,7 @@ def train(
     model: Output[Model],
     metrics: Output[Metrics],
     init_model: Input[Model] = None,
+    augment: str = "",
 ):
     from pathlib import Path
 
@@ -24,7 +27,8 @@ def train(
 
     result = train_step(
         Path(prepared.path), Path(model.path), stage=stage,
-        settings={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed},
+        settings={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                  **({"augment": augment} if augment else {})},
         arch=backbone, weights=weights,
         init_dir=Path(init_model.path) if init_model is not None else None,
         experiment=mlflow_experiment, pipeline_run_id=pipeline_run_id,

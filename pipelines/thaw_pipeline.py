@@ -83,6 +83,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
         partial_lr: float = s["partial"].lr,
         full_epochs: int = s["full"].epochs,
         full_lr: float = s["full"].lr,
+        augment: str = s["full"].augment,
         batch_size: int = D.batch_size,
         seed: int = D.seed,
         max_bad_fraction: float = D.max_bad_fraction,
@@ -107,6 +108,9 @@ def build_pipeline(settings: ClusterSettings | None = None):
             partial_lr: Head learning rate of the partial stage (the backbone gets less).
             full_epochs: Most epochs of the full fine-tune.
             full_lr: Head learning rate of the full fine-tune; earlier layers get less.
+            augment: Augmentation of the partial and full stages: crop (random resized
+                crops), crop_flip (plus horizontal flips: wrong for text, digits and other
+                mirror-sensitive images) or none.
             batch_size: Images per training step.
             seed: Seeds the split, the new head and every random draw.
             max_bad_fraction: Fail preprocessing when more files than this are unusable.
@@ -137,11 +141,13 @@ def build_pipeline(settings: ClusterSettings | None = None):
             for stage, epochs, lr in (("probe", probe_epochs, probe_lr),
                                       ("partial", partial_epochs, partial_lr),
                                       ("full", full_epochs, full_lr)):
-                warm_start = {"init_model": previous.outputs["model"]} if previous else {}
+                # The probe keeps its own augmentation (none: it trains on cached features).
+                fine_tune = ({"init_model": previous.outputs["model"], "augment": augment}
+                             if previous else {})
                 task = c.train(stage=stage, prepared=prep.outputs["prepared"], backbone=backbone,
                                weights=weights, epochs=epochs, lr=lr, batch_size=batch_size,
                                seed=seed, mlflow_experiment=mlflow_experiment,
-                               pipeline_run_id=run_id, **warm_start)
+                               pipeline_run_id=run_id, **fine_tune)
                 _configure(task.set_display_name(STAGE_TITLES[stage]), "train", cfg)
                 trained[stage] = previous = task
 

@@ -31,7 +31,7 @@ def test_training_resumes_from_the_last_checkpoint(prepared_sample, tmp_path):
     result = train_stage(_model(prepared_sample), prepared_sample, cfg, tmp_path,
                          on_epoch_end=lambda r: seen.append(r["epoch"]))
     assert seen == [3]
-    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
 
     again = train_stage(_model(prepared_sample), prepared_sample, cfg, tmp_path)
     assert again.history == result.history
@@ -41,15 +41,16 @@ def test_other_settings_start_afresh(prepared_sample, tmp_path):
     train_stage(_model(prepared_sample), prepared_sample, stage_config("probe", epochs=1), tmp_path)
     result = train_stage(_model(prepared_sample), prepared_sample,
                          stage_config("probe", epochs=2), tmp_path)
-    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]
 
 
 def test_early_stopping_after_patience_epochs_without_improvement(prepared_sample, tmp_path):
-    # A learning rate too small to change any prediction: validation never improves.
-    cfg = stage_config("probe", epochs=6, lr=1e-12, patience=2)
+    # A learning rate too small to change any prediction: no epoch beats the start (epoch 0),
+    # which stays the best; patience counts from the first trained epoch (1), so 1 + 2 more.
+    cfg = stage_config("probe", epochs=6, lr=1e-12, patience=2, solver="adamw")
     result = train_stage(_model(prepared_sample), prepared_sample, cfg, tmp_path)
     assert result.stopped_early
-    assert len(result.history) == 3 and result.best_epoch == 1
+    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3] and result.best_epoch == 0
 
 
 @pytest.mark.parametrize("changed", ["start_point", "data"])
@@ -67,8 +68,8 @@ def test_a_checkpoint_for_another_start_or_other_data_is_not_resumed(
     result = train_stage(_model(data), data, cfg, tmp_path,
                          start_point="B" if changed == "start_point" else "A",
                          on_epoch_end=lambda r: seen.append(r["epoch"]))
-    assert seen == [1, 2], "trained afresh"
-    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert seen == [0, 1, 2], "trained afresh"
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]
     assert f"written for another {changed.replace('_', ' ')}" in caplog.text
 
 
@@ -89,5 +90,5 @@ def test_checkpoints_mirrored_elsewhere_come_back_into_an_empty_folder(
     result = train_stage(_model(prepared_sample), prepared_sample, cfg, tmp_path / "attempt2",
                          checkpoint_uri=mirror, on_epoch_end=lambda r: seen.append(r["epoch"]))
     assert seen == [3]
-    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
     assert (tmp_path / "attempt2" / "best.pt").exists()

@@ -5,12 +5,15 @@ from thaw.errors import ThawError
 
 
 def test_defaults_follow_the_recipe():
+    """The recipe README's table justifies with benchmarks/results/quality.md."""
     probe, partial, full = (DEFAULT_STAGES[n] for n in STAGE_NAMES)
     assert (probe.trainable, partial.trainable, full.trainable) == ("head", "last_stage", "all")
-    assert probe.lr > partial.lr >= full.lr
-    assert probe.uses_cached_features and not partial.uses_cached_features
-    assert partial.backbone_lr_scale == pytest.approx(0.1)
+    assert probe.solver == "adamw" and probe.uses_cached_features
+    assert not partial.uses_cached_features and partial.solver == "adamw"
+    assert partial.augment == full.augment == "crop"  # no flips by default
+    assert 0 < partial.backbone_lr_scale < 1 and 0 < full.backbone_lr_scale < 1
     assert full.layer_decay < 1
+    assert 0 < partial.warmup_fraction < 0.5 and not partial.update_bn_stats
 
 
 def test_overrides_apply_and_validate():
@@ -28,6 +31,10 @@ def test_overrides_apply_and_validate():
         ({"label_smoothing": 1.0}, "label_smoothing must be in [0, 1)"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"epochs_typo": 3}, "unknown stage setting(s) ['epochs_typo']"),
+        ({"warmup_fraction": 1.0}, "warmup_fraction must be in [0, 1)"),
+        ({"augment": "flip"}, "augment must be one of ('none', 'crop', 'crop_flip')"),
+        ({"solver": "sgd"}, "solver must be one of ('adamw', 'lbfgs')"),
+        ({"solver": "lbfgs"}, "solver 'lbfgs' fits the head on cached features"),
     ],
 )
 def test_bad_settings_are_named(overrides, message):

@@ -29,16 +29,17 @@ def test_optimizer_holds_exactly_the_trainable_parameters(stage):
     assert all(p.requires_grad == (id(p) in expected) for p in model.parameters())
 
 
-def test_partial_stage_backbone_learns_ten_times_slower_than_head():
-    model, _, cfg, optimizer = _prepared_optimizer("partial", warmup_epochs=0)
+def test_partial_stage_backbone_learns_slower_than_head_by_its_scale():
+    model, _, cfg, optimizer = _prepared_optimizer("partial", warmup_fraction=0)
     build_scheduler(optimizer, cfg, steps_per_epoch=10)
     head_lr = _lr_of(optimizer, model.fc.weight)
-    assert head_lr == pytest.approx(cfg.lr)
-    assert _lr_of(optimizer, model.layer4[0].conv1.weight) == pytest.approx(head_lr / 10)
+    assert head_lr == pytest.approx(cfg.lr) and cfg.backbone_lr_scale < 1
+    assert _lr_of(optimizer, model.layer4[0].conv1.weight) == pytest.approx(
+        head_lr * cfg.backbone_lr_scale)
 
 
 def test_full_stage_learning_rates_decay_from_head_to_stem():
-    model, _, cfg, optimizer = _prepared_optimizer("full", warmup_epochs=0)
+    model, _, cfg, optimizer = _prepared_optimizer("full", warmup_fraction=0)
     build_scheduler(optimizer, cfg, steps_per_epoch=10)
     lrs = [_lr_of(optimizer, p) for p in (model.fc.weight, model.layer4[0].conv1.weight,
                                           model.layer3[0].conv1.weight, model.conv1.weight)]
@@ -53,8 +54,8 @@ def test_no_weight_decay_on_biases_and_norms():
                 if any(p is model.bn1.weight for p in g["params"])) == 0.0
 
 
-def test_warmup_then_cosine():
-    model, _, cfg, optimizer = _prepared_optimizer("full", epochs=4, warmup_epochs=1)
+def test_warmup_is_a_fraction_of_the_stage_then_cosine():
+    model, _, cfg, optimizer = _prepared_optimizer("full", epochs=4, warmup_fraction=0.25)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
     lrs = []
     for step in range(1, 41):

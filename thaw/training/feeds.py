@@ -18,7 +18,7 @@ class ImageFeed:
     normalisation on the device where it is cheapest."""
 
     def __init__(self, model: nn.Module, data: PreparedDataset, device: torch.device, *,
-                 batch_size: int, augment: bool = False, seed: int = 0,
+                 batch_size: int, augment: str = "none", seed: int = 0,
                  num_workers: int = 0) -> None:
         self.net = model
         self.data = data
@@ -30,11 +30,7 @@ class ImageFeed:
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(manifest.mean, device=device).view(shape) * 255
         self.std = torch.tensor(manifest.std, device=device).view(shape) * 255
-        size = manifest.input_size[1:]
-        self.augment = v2.Compose([
-            v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]) if augment else None
+        self.augment = augmentation(augment, manifest.input_size[1:])
 
     def batches(self, split: str, *, train: bool, epoch: int = 0) -> Iterator:
         dataset = ImageSplit(self.data, split, transform=self.augment if train else None)
@@ -52,9 +48,17 @@ class ImageFeed:
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).float()
         images = (images - self.mean) / self.std
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
+        return images.contiguous(memory_format=torch.channels_last)
+
+
+def augmentation(policy: str, size: list[int]) -> v2.Compose | None:
+    """The per-sample transform of an augmentation policy (see ``StageConfig.augment``)."""
+    if policy == "none":
+        return None
+    steps = [v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True)]
+    if policy == "crop_flip":
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
 
 
 class FeatureFeed:

@@ -47,7 +47,7 @@ def build_scheduler(
 ) -> CosineLRScheduler:
     """Linear warmup then cosine decay, stepped per batch (``step_update``)."""
     total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    warmup = min(round(cfg.warmup_fraction * total), total - 1)
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=total - warmup,
