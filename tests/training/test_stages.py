@@ -118,7 +118,7 @@ def test_a_diverging_stage_hands_on_the_model_it_was_given(staged, prepared_samp
 
 def test_lbfgs_probe_walks_the_regularisation_path(prepared_sample, tmp_path):
     cfg = stage_config("probe", epochs=3, solver="lbfgs")
-    probe = run_stage(prepared_sample, cfg, tmp_path, arch=ARCH)
+    probe = run_stage(prepared_sample, cfg, tmp_path, arch=ARCH, weights="packaged")
     strengths = [r["l2"] for r in probe.history[1:]]
     assert strengths == sorted(strengths, reverse=True) and len(strengths) >= 1
     assert probe.best_val["macro_f1"] == max(r["val_macro_f1"] for r in probe.history)
