@@ -155,7 +155,10 @@ def test_duplicates_never_straddle_splits(make_folder, tmp_path, data_config) ->
     stored = all_digests(tmp_path / "out")
     assert not (stored["train"] & stored["val"] or stored["train"] & stored["test"]
                 or stored["val"] & stored["test"])  # fmt: skip
-    assert open_prepared(tmp_path / "out").manifest.skipped == []  # unsplit: copies are kept
+    # Unsplit: copies inside a class are kept; the copy across classes is a label conflict.
+    skipped = open_prepared(tmp_path / "out").manifest.skipped
+    assert [s["path"] for s in skipped] == ["cat/from-dog.png", "dog/img000.png"]
+    assert all(s["reason"].startswith("label conflict") for s in skipped)
 
 
 def test_pre_split_layout_is_respected_and_cross_split_copies_dropped(
@@ -337,7 +340,7 @@ def test_prepare_in_worker_processes_matches_in_process(make_folder, tmp_path, d
 def test_prepare_from_s3(make_folder, tmp_path, data_config, s3_bucket: str) -> None:
     src = make_folder({"train/cat": 4, "train/dog": 4, "val/cat": 1, "val/dog": 1,
                        "test/cat": 1, "test/dog": 1})  # fmt: skip
-    Image.new("RGB", (4, 4)).save(src / "train" / "dog" / "extra.jpg")
+    Image.new("RGB", (8, 8)).save(src / "train" / "dog" / "extra.jpg")  # min_side is 8
     uri = f"{s3_bucket}/datasets/pets"
     storage.upload_dir(src, uri)
     manifest = prepare_dataset(uri, tmp_path / "out", data_config=data_config,

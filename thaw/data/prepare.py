@@ -3,6 +3,15 @@
 Every image is read, hashed, decoded and resized exactly once, into a staging array inside
 the temporary output directory; the split is decided on the content hashes of the good
 images, and the shards are then cut from the staging array.
+
+Classes are the class folder names, kept exactly and sorted by code point (Python's `sorted`,
+independent of locale and listing order), so a class's index depends only on the set of
+names. Refused with a `ThawError`: an empty class folder (`<class>/` or `train/<class>/`),
+two class names equal up to letter case or Unicode normalisation (`Cat`/`cat`: one folder
+on macOS and Windows file systems, and one name to a person), and a class left without
+usable training images. Reported in `Manifest.warnings` and the report: empty `val/` or
+`test/` class folders, classes missing from a given val/ or test/ split (their indices do
+not shift: they still come from all class folders), and label conflicts.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import json
 import multiprocessing
 import os
 import tempfile
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -22,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from thaw.data.images import DEFAULT_MAX_PIXELS, resample_filter
+from thaw.data.images import DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, resample_filter
 from thaw.data.prepared import (
     MANIFEST_NAME,
     REPORT_NAME,
@@ -30,8 +40,8 @@ from thaw.data.prepared import (
     atomic_output_dir,
     write_split,
 )
-from thaw.data.sources import LoadedRecord, Record, list_source, load_record
-from thaw.data.split import SPLITS, SplitItem, split_items, validate_fractions
+from thaw.data.sources import Listing, LoadedRecord, Record, list_source, load_record
+from thaw.data.split import SPLITS, SplitItem, SplitPlan, split_items, validate_fractions
 from thaw.errors import ThawError
 
 _REPORT_MAX_SKIPPED = 200
@@ -49,32 +59,42 @@ def prepare_dataset(
     workdir: Path | None = None,
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = MIN_IMAGE_SIDE,
 ) -> Manifest:
     """Validate, split, decode and resize `source` into `output_dir`; returns the manifest.
 
     `data_config` is timm's (`input_size`, `mean`, `std`, `interpolation`). `workdir` holds
     downloaded S3 sources (a temporary directory when None). `num_workers` > 1 decodes in
-    that many processes. Nothing is left in `output_dir` when this raises.
+    that many processes. Images of more than `max_pixels` pixels (checked from the header,
+    before decoding) or with a side below `min_side` are skipped and reported. Nothing is
+    left in `output_dir` when this raises.
     """
     size, interpolation = _check_config(data_config)
     fractions = validate_fractions(split_fractions)
-    if shard_size < 1 or not 0 <= max_bad_fraction <= 1:
+    if min(shard_size, max_pixels, min_side) < 1 or not 0 <= max_bad_fraction <= 1:
         raise ThawError(
-            f"need shard_size >= 1 and 0 <= max_bad_fraction <= 1, "
-            f"got {shard_size} and {max_bad_fraction}"
+            "need shard_size, max_pixels and min_side >= 1 and 0 <= max_bad_fraction <= 1, "
+            f"got {shard_size}, {max_pixels}, {min_side} and {max_bad_fraction}"
         )
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="thaw-")))
-        records = list_source(str(source), Path(workdir))
-        _check_listing(str(source), records)
+        listing = list_source(str(source), Path(workdir))
+        _check_listing(str(source), listing)
+        records = listing.records
         out = stack.enter_context(atomic_output_dir(Path(output_dir)))
 
         staging_path = out / ".staging.npy"
         staging = np.lib.format.open_memmap(
             staging_path, mode="w+", dtype=np.uint8, shape=(len(records), size, size, 3)
         )
-        work = partial(load_record, size=size, interpolation=interpolation, max_pixels=max_pixels)
+        work = partial(
+            load_record,
+            size=size,
+            interpolation=interpolation,
+            max_pixels=max_pixels,
+            min_side=min_side,
+        )
         hashes, bad = [], {}
         for i, loaded in enumerate(_map(work, records, num_workers)):
             hashes.append(loaded.sha256)
@@ -90,7 +110,7 @@ def prepare_dataset(
             for i in good
         ]
         plan = split_items(items, fractions, seed)
-        classes = sorted({items[i].class_name for idx in plan.splits.values() for i in idx})
+        classes = sorted({r.class_name for r in records})
         class_to_idx = {name: idx for idx, name in enumerate(classes)}
         counts, shards = {}, {}
         for split in SPLITS:
@@ -105,6 +125,8 @@ def prepare_dataset(
         staging_path.unlink()
 
         skipped = [{"path": records[i].path, "reason": reason} for i, reason in bad.items()]
+        skipped = sorted(skipped + plan.skipped, key=lambda s: s["path"])
+        _check_training_images(str(source), records, counts, skipped)
         manifest = Manifest(
             classes=classes,
             class_to_idx=class_to_idx,
@@ -114,14 +136,15 @@ def prepare_dataset(
             std=[float(s) for s in data_config["std"]],
             interpolation=interpolation,
             fingerprint=source_fingerprint(records, hashes),
-            skipped=sorted(skipped + plan.skipped, key=lambda s: s["path"]),
+            skipped=skipped,
             shards=shards,
             source=str(source),
             seed=seed,
             split_fractions=list(fractions),
+            warnings=_warnings(listing, counts, plan),
         )
-        (out / MANIFEST_NAME).write_text(manifest.to_json())
-        (out / REPORT_NAME).write_text(render_report(manifest))
+        (out / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        (out / REPORT_NAME).write_text(render_report(manifest), encoding="utf-8")
     return manifest
 
 
@@ -140,18 +163,74 @@ def _check_config(data_config: dict[str, Any]) -> tuple[int, str]:
     return int(height), interpolation
 
 
-def _check_listing(source: str, records: list[Record]) -> None:
-    if not records:
+def _check_listing(source: str, listing: Listing) -> None:
+    if not listing.records:
         raise ThawError(
             f"dataset source {source} has no images: expected <class>/<image> or "
             "train|val|test/<class>/<image> folders, or Fashion-MNIST idx files"
         )
-    classes = sorted({r.class_name for r in records})
+    if empty := [f for f in listing.empty_folders if f.split("/")[0] not in ("val", "test")]:
+        raise ThawError(
+            f"class folders {[f + '/' for f in empty]} in {source} hold no files: a class "
+            "needs training images; add images or remove the folders"
+        )
+    classes = sorted({r.class_name for r in listing.records})
+    _check_class_names(source, classes)
     if len(classes) < 2:
         raise ThawError(
             f"dataset source {source} has {len(classes)} class {classes}: "
             "a classifier needs at least 2 class folders"
         )
+
+
+def _check_class_names(source: str, classes: list[str]) -> None:
+    """Refuse names that differ only in letter case or Unicode normalisation (NFC/NFD)."""
+    seen: dict[str, str] = {}
+    for name in classes:
+        key = unicodedata.normalize("NFC", name).casefold()
+        if key in seen:
+            raise ThawError(
+                f"class folders {seen[key]!r} and {name!r} in {source} differ only in letter "
+                "case or Unicode normalisation: they are one folder on case-insensitive file "
+                "systems (macOS, Windows) and easily confused; rename or merge them"
+            )
+        seen[key] = name
+
+
+def _check_training_images(
+    source: str,
+    records: list[Record],
+    counts: dict[str, dict[str, int]],
+    skipped: list[dict[str, str]],
+) -> None:
+    """Refuse a class none of whose files made it into train (all unusable or conflicting)."""
+    if not (empty := [name for name, count in counts["train"].items() if count == 0]):
+        return
+    class_of = {r.path: r.class_name for r in records}
+    lost = [s for s in skipped if class_of[s["path"]] in empty]
+    examples = "; ".join(f"{s['path']}: {s['reason']}" for s in lost[:3])
+    raise ThawError(
+        f"classes {empty} in {source} have no usable training images: all {len(lost)} of "
+        f"their files were skipped (e.g. {examples}); fix or replace those files, or remove "
+        "the class folders"
+    )
+
+
+def _warnings(listing: Listing, counts: dict[str, dict[str, int]], plan: SplitPlan) -> list[str]:
+    """Problems that do not stop preparation, for the manifest and the report."""
+    lines = [f"empty class folder {f}/ (ignored)" for f in listing.empty_folders]
+    for split in ("val", "test"):
+        if missing := [name for name, count in counts[split].items() if count == 0]:
+            lines.append(
+                f"classes {missing} have no {split} images: their {split} metrics cannot be "
+                "measured (class indices are unchanged)"
+            )
+    if conflicts := [s for s in plan.skipped if s["reason"].startswith("label conflict")]:
+        lines.append(
+            f"{len(conflicts)} files hold an image that also appears under another class "
+            "(label conflicts): all copies are kept out of every split, see Skipped files"
+        )
+    return lines
 
 
 def _check_bad(source: str, records: list[Record], bad: dict[int, str], limit: float) -> None:
@@ -204,9 +283,13 @@ def render_report(manifest: Manifest) -> str:
     ]
     for name in manifest.classes:
         row = [manifest.counts[s][name] for s in splits]
-        lines.append(f"| {name} | {' | '.join(map(str, row))} | {sum(row)} |")
+        cell = name.replace("|", "\\|")  # a class name may hold any character
+        lines.append(f"| {cell} | {' | '.join(map(str, row))} | {sum(row)} |")
     totals = [manifest.split_size(s) for s in splits]
     lines.append(f"| **total** | {' | '.join(map(str, totals))} | {kept} |")
+    if manifest.warnings:
+        lines += ["", f"## Warnings ({len(manifest.warnings)})", ""]
+        lines += [f"- {warning}" for warning in manifest.warnings]
     lines += ["", f"## Skipped files ({len(manifest.skipped)})", ""]
     lines += [f"- `{s['path']}`: {s['reason']}" for s in manifest.skipped[:_REPORT_MAX_SKIPPED]]
     if len(manifest.skipped) > _REPORT_MAX_SKIPPED:

@@ -20,7 +20,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from thaw.errors import ThawError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "validation_report.md"
+# Fields added to format 1 later; manifests written before them lack them.
+_OPTIONAL_FIELDS = {"warnings"}
 
 
 @dataclass
@@ -51,6 +53,9 @@ class Manifest:
     seed: int
     split_fractions: list[float]
     format_version: int = FORMAT_VERSION
+    # Problems that did not stop preparation but need a person's eye (a class missing from
+    # val/, label conflicts, empty folders); also in the report.
+    warnings: list[str] = field(default_factory=list)
 
     def data_config(self) -> dict[str, Any]:
         """The preprocessing a model trained on this data expects (saved with checkpoints)."""
@@ -78,7 +83,8 @@ class Manifest:
         except json.JSONDecodeError as exc:
             raise ThawError(f"not a prepared dataset: {origin} is not valid JSON ({exc})") from exc
         names = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or (missing := sorted(names - data.keys())):
+        required = names - _OPTIONAL_FIELDS
+        if not isinstance(data, dict) or (missing := sorted(required - data.keys())):
             raise ThawError(f"not a prepared dataset: {origin} lacks fields {missing}")
         if data["format_version"] != FORMAT_VERSION:
             raise ThawError(
@@ -212,7 +218,9 @@ def open_prepared(directory: Path | str) -> PreparedDataset:
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ThawError(f"not a prepared dataset: {root} has no {MANIFEST_NAME}")
-    manifest = Manifest.from_json(manifest_path.read_text(), origin=str(manifest_path))
+    manifest = Manifest.from_json(
+        manifest_path.read_text(encoding="utf-8"), origin=str(manifest_path)
+    )
     dataset = PreparedDataset(root, manifest)
     dataset._validate()
     return dataset

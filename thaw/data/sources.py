@@ -4,6 +4,9 @@ A source is a local folder or an `s3://` prefix (downloaded first) in ImageFolde
 `<class>/<image>` or `train|val|test/<class>/<image>`, or a folder of Fashion-MNIST idx files.
 File records are read lazily; idx records carry their pixels. This module stays free of
 torch so that decoding worker processes start fast.
+
+A class is a folder name, kept exactly (case, spaces, any Unicode letters); hidden entries
+(`.name`, `__MACOSX`) are ignored.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 
 from thaw import storage
 from thaw.data import fashion_mnist
-from thaw.data.images import BadImage, decode_image, resize_to_square
+from thaw.data.images import BadImage, check_size, decode_image, resize_to_square
 from thaw.data.split import SPLITS
 from thaw.errors import ThawError
 
@@ -40,22 +43,36 @@ class Record:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """What a source holds: its records, and the class folders in which no file was found."""
+
+    records: list[Record]
+    empty_folders: list[str]  # POSIX paths relative to the source root, e.g. "val/fox"
+
+
+@dataclass(frozen=True)
 class LoadedRecord:
     sha256: str
     image: np.ndarray | None  # size x size x 3 uint8, None when the file is bad
     reason: str | None  # why the file was skipped
 
 
-def load_record(record: Record, size: int, interpolation: str, max_pixels: int) -> LoadedRecord:
+def load_record(
+    record: Record, size: int, interpolation: str, max_pixels: int, min_side: int
+) -> LoadedRecord:
     """Hash, decode and resize one record (runs in a worker process)."""
     data = record.content()
     digest = hashlib.sha256(data).hexdigest()
     try:
         if record.pixels is not None:
             pixels = record.pixels
+            height, width = pixels.shape[:2]
+            check_size(width, height, max_pixels=max_pixels, min_side=min_side)
             rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[:, :, None], 3, axis=2)
         else:
-            rgb = decode_image(data, max_pixels=max_pixels)
+            # A JPEG is decoded at no less than twice the output size (the reducing gap
+            # `Image.thumbnail` uses), so the final bicubic resize keeps its quality.
+            rgb = decode_image(data, max_pixels=max_pixels, min_side=min_side, reduce_to=2 * size)
     except BadImage as exc:
         return LoadedRecord(digest, None, exc.reason)
     return LoadedRecord(digest, resize_to_square(rgb, size, interpolation), None)
@@ -82,7 +99,7 @@ def _class_records(root: Path, class_dir: Path, split: str | None) -> list[Recor
     return records
 
 
-def _imagefolder_records(root: Path) -> list[Record]:
+def _imagefolder_listing(root: Path) -> Listing:
     dirs = [p for p in _children(root) if p.is_dir()]
     split_dirs = [p for p in dirs if p.name in SPLITS]
     if split_dirs and len(split_dirs) != len(dirs):
@@ -92,16 +109,19 @@ def _imagefolder_records(root: Path) -> list[Record]:
             f"class folders {others}; use either <class>/<image> or "
             "train|val|test/<class>/<image>"
         )
-    records: list[Record] = []
     if split_dirs:
-        for split_dir in sorted(split_dirs, key=lambda p: SPLITS.index(p.name)):
-            for class_dir in _children(split_dir):
-                if class_dir.is_dir():
-                    records.extend(_class_records(root, class_dir, split_dir.name))
+        ordered = sorted(split_dirs, key=lambda p: SPLITS.index(p.name))
+        folders = [(c, s.name) for s in ordered for c in _children(s) if c.is_dir()]
     else:
-        for class_dir in dirs:
-            records.extend(_class_records(root, class_dir, None))
-    return records
+        folders = [(class_dir, None) for class_dir in dirs]
+    records: list[Record] = []
+    empty = []
+    for class_dir, split in folders:
+        found = _class_records(root, class_dir, split)
+        records.extend(found)
+        if not found:
+            empty.append(class_dir.relative_to(root).as_posix())
+    return Listing(records, empty)
 
 
 def _idx_records(root: Path) -> list[Record]:
@@ -116,11 +136,15 @@ def _idx_records(root: Path) -> list[Record]:
     return records
 
 
-def list_source(source: str, workdir: Path) -> list[Record]:
-    """The records of `source` (local folder or `s3://` prefix; S3 is downloaded to workdir)."""
+def list_source(source: str, workdir: Path) -> Listing:
+    """The records of `source` (local folder or `s3://` prefix; S3 is downloaded to workdir).
+
+    S3 has no empty folders (folder markers are skipped), so only local sources can list
+    empty class folders.
+    """
     root = storage.materialize(source, workdir)
     if not root.is_dir():
         raise ThawError(f"dataset source {source} is not a folder")
     if fashion_mnist.has_split(root, "train"):
-        return _idx_records(root)
-    return _imagefolder_records(root)
+        return Listing(_idx_records(root), [])
+    return _imagefolder_listing(root)

@@ -1,5 +1,7 @@
 """Deterministic, stratified train/val/test split that keeps exact duplicates together.
 
+An image whose exact content (sha256) appears under two or more classes is a label
+conflict: no label can be trusted, so every copy is kept out of every split and reported.
 Each group of identical files (same sha256) is ranked by `sha256(seed:content hash)` within
 its class and the ranking is cut by the split fractions. The result depends only on the seed
 and the file contents, not on listing order, and adding one image moves few others.
@@ -44,20 +46,23 @@ def validate_fractions(fractions: Sequence[float]) -> tuple[float, float, float]
 def split_items(
     items: Sequence[SplitItem], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
 ) -> SplitPlan:
-    """Assign every item to train/val/test.
+    """Assign every item to train/val/test, or to the skipped list.
 
     Unsplit sources are split by `fractions`. Pre-split sources keep their folders; a copy of
     an image already in an earlier split (train < val < test) is dropped and reported, and a
-    missing val or test split is carved out of train.
+    missing val or test split is carved out of train. Label conflicts are dropped first.
     """
     weights = dict(zip(SPLITS, validate_fractions(fractions), strict=True))
-    classes = sorted({item.class_name for item in items})
+    conflicts = label_conflicts(items)
+    usable = [i for i in range(len(items)) if i not in conflicts]
+    skipped = [{"path": items[i].path, "reason": reason} for i, reason in conflicts.items()]
+    classes = sorted({items[i].class_name for i in usable})
     if len(classes) < 2:
         raise ThawError(f"need at least 2 classes to train a classifier, found {classes}")
-    if all(item.source_split is None for item in items):
-        return SplitPlan(_stratified(items, range(len(items)), weights, seed))
+    if all(items[i].source_split is None for i in usable):
+        return SplitPlan(_stratified(items, usable, weights, seed), skipped)
 
-    kept, skipped = _drop_cross_split_duplicates(items)
+    kept, duplicates = _drop_cross_split_duplicates(items, usable)
     splits = {s: [i for i in kept if items[i].source_split == s] for s in SPLITS}
     train_classes = {items[i].class_name for i in splits["train"]}
     if not splits["train"]:
@@ -71,14 +76,34 @@ def split_items(
         splits.update(_stratified(items, splits["train"], carve, seed))
     for indices in splits.values():
         indices.sort(key=lambda i: items[i].path)
-    return SplitPlan(splits, skipped)
+    return SplitPlan(splits, skipped + duplicates)
+
+
+def label_conflicts(items: Sequence[SplitItem]) -> dict[int, str]:
+    """Index -> skip reason of every item whose content also appears under another class."""
+    copies: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        copies[item.sha256].append(i)
+    conflicts = {}
+    for members in copies.values():
+        classes = sorted({items[i].class_name for i in members})
+        if len(classes) < 2:
+            continue
+        for i in members:
+            others = sorted(items[j].path for j in members if j != i)
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if others[3:] else "")
+            conflicts[i] = (
+                f"label conflict: the same image is also {shown} (classes {classes}); "
+                "kept out of every split"
+            )
+    return conflicts
 
 
 def _drop_cross_split_duplicates(
-    items: Sequence[SplitItem],
+    items: Sequence[SplitItem], indices: Sequence[int]
 ) -> tuple[list[int], list[dict[str, str]]]:
     order = sorted(
-        range(len(items)),
+        indices,
         key=lambda i: (SPLITS.index(items[i].source_split or "train"), items[i].path),
     )
     first: dict[str, SplitItem] = {}
