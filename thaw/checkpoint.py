@@ -1,7 +1,9 @@
 """Checkpoints: a model's weights plus what is needed to rebuild and serve it.
 
 Written atomically (temp file + rename) so a crash never leaves a half checkpoint, and
-read with ``weights_only=True`` (plain tensors and Python values, no pickled code).
+read with ``weights_only=True`` (plain tensors and Python values, no pickled code): a file
+whose pickle would import a function (``os.system``, a class's ``__reduce__``) is refused
+before anything in it runs, with an error that says so.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,10 @@ from thaw.errors import ThawError
 FORMAT = "thaw-checkpoint/1"
 MIRRORED = ("best.pt", "last.pt")
 log = logging.getLogger(__name__)
+# torch (and timm's wrapper of torch.load) word it in several ways when weights_only=True
+# stops a pickle that imports a function or class ("Unsupported global: GLOBAL exec", "GLOBAL
+# posix.system whose module posix is blocked", "non-allowlisted pickle globals"); all say global.
+REFUSED = re.compile(r"\bglobals?\b", re.IGNORECASE)
 
 
 def model_arch(model: nn.Module) -> str:
@@ -46,10 +53,32 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ThawError(f"could not read checkpoint {path}: {err}") from err
+        raise read_error("checkpoint", path, err) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ThawError(f"{path} is not a thaw checkpoint ({FORMAT})")
     return payload
+
+
+def read_error(what: str, path: object, err: Exception) -> ThawError:
+    """The error for a ``what`` file that ``torch.load(weights_only=True)`` (or timm's wrapper
+    of it) failed on. torch's own message advises retrying with ``weights_only=False``, which
+    would run the file's code, so it is not passed on: a pickle that imports a function is
+    named as refused, anything else as unreadable."""
+    text = str(err)
+    if REFUSED.search(text):
+        names = re.findall(r"GLOBAL ([\w.]*\w)", text)
+        listed = re.search(r"Unsupported globals: (.*?)\.(?:\s|$)", text)
+        names += listed.group(1).split(", ") if listed else []
+        imports = f" (it would import {', '.join(sorted(set(names)))})" if names else ""
+        return ThawError(
+            f"refused to load {what} {path}: it holds pickled Python objects, not only "
+            f"tensors and plain values{imports}, and thaw never runs code from a file it "
+            f"loads. Save only tensors, e.g. torch.save(model.state_dict(), path), or use "
+            f".safetensors")
+    unpickler = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    reason = unpickler.group(1) if unpickler else text.strip().split(". ")[0].split("\n")[0]
+    return ThawError(f"could not read {what} {path}: not a torch.save file of tensors, or "
+                     f"truncated/corrupt ({type(err).__name__}: {reason})")
 
 
 def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:

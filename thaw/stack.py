@@ -1,6 +1,11 @@
 """The embedded stack: a local S3-compatible server (moto) and a real MLflow tracking server
 with model registry, both on loopback, for `make demo` and the end-to-end tests.
 
+Loopback only: neither server checks credentials (moto accepts any key, the MLflow server has
+no auth), so both bind 127.0.0.1 and nothing else; `Stack` refuses a non-loopback host and
+`thaw stack up` says where they listen. Other machines cannot reach them; for a shared setup
+use a real S3/MinIO and MLflow server with authentication.
+
 `thaw stack up` starts both as detached processes and records them in `<state>/stack.json`;
 `thaw stack down` stops them; `thaw stack env` prints what a client process needs
 (`eval "$(thaw stack env)"`). MLflow runs with proxied artifacts
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import ipaddress
 import json
 import os
 import shlex
@@ -63,6 +69,21 @@ class Stack:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", _resolve(self.state_dir))
+        if not _is_loopback(self.host):
+            raise ThawError(
+                f"The embedded stack has no authentication, so it listens on loopback only: "
+                f"host must be 127.0.0.1 (or another 127.x address, or localhost), got "
+                f"{self.host!r}. To share servers, run S3/MinIO and MLflow with authentication."
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
 
 
 @dataclass(frozen=True)
@@ -439,7 +460,8 @@ def add_stack_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 def _exports(info: StackInfo) -> str:
     lines = [f"export {k}={shlex.quote(v)}" for k, v in info.env().items()]
-    return "\n".join([*lines, f"# MLflow UI: {info.ui_url}"])
+    listening = f"# S3 and MLflow listen on {info.host} only (loopback, no authentication)"
+    return "\n".join([*lines, f"# MLflow UI: {info.ui_url}", listening])
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
