@@ -1,4 +1,9 @@
-"""preprocess: validate, split and resize the source images once into a prepared dataset."""
+"""preprocess: validate, split and resize the source images once into a prepared dataset.
+
+It also receives the parameters of the later steps and refuses bad ones before it reads
+any data, so a run started from the Kubeflow UI with, say, ``full_lr=20`` fails here at
+once with the parameter named, not in a GPU step after preprocessing.
+"""
 
 from kfp.dsl import Dataset, Markdown, Output
 
@@ -10,6 +15,17 @@ def preprocess(
     image_size: int,
     seed: int,
     max_bad_fraction: float,
+    weights: str,
+    probe_epochs: int,
+    probe_lr: float,
+    partial_epochs: int,
+    partial_lr: float,
+    full_epochs: int,
+    full_lr: float,
+    augment: str,
+    batch_size: int,
+    selection_metric: str,
+    promotion_margin: float,
     prepared: Output[Dataset],
     validation_report: Output[Markdown],
 ):
@@ -18,9 +34,14 @@ def preprocess(
 
     from thaw.steps import preprocess_step
 
+    checked = {"weights": weights, "probe_epochs": probe_epochs, "probe_lr": probe_lr,
+               "partial_epochs": partial_epochs, "partial_lr": partial_lr,
+               "full_epochs": full_epochs, "full_lr": full_lr, "augment": augment,
+               "batch_size": batch_size, "selection_metric": selection_metric,
+               "promotion_margin": promotion_margin}
     summary = preprocess_step(data_uri, Path(prepared.path), arch=backbone,
                               image_size=image_size, seed=seed,
-                              max_bad_fraction=max_bad_fraction)
+                              max_bad_fraction=max_bad_fraction, pipeline_parameters=checked)
     shutil.copyfile(Path(prepared.path) / "validation_report.md", validation_report.path)
     prepared.metadata.update({"source_version": source_version,
                               "classes": summary["classes"],

@@ -130,9 +130,15 @@ def build_pipeline(settings: ClusterSettings | None = None):
             version = c.source_version(data_uri=data_uri)
             _configure(version.set_display_name("source version: list the data"),
                        "source_version", cfg).set_caching_options(False)
+            # preprocess also checks the later steps' parameters, before it reads any data
             prep = c.preprocess(data_uri=data_uri, source_version=version.output,
                                 backbone=backbone, image_size=image_size, seed=seed,
-                                max_bad_fraction=max_bad_fraction)
+                                max_bad_fraction=max_bad_fraction, weights=weights,
+                                probe_epochs=probe_epochs, probe_lr=probe_lr,
+                                partial_epochs=partial_epochs, partial_lr=partial_lr,
+                                full_epochs=full_epochs, full_lr=full_lr, augment=augment,
+                                batch_size=batch_size, selection_metric=selection_metric,
+                                promotion_margin=promotion_margin)
             _configure(prep.set_display_name("preprocess: validate, split, resize"),
                        "preprocess", cfg)
 

@@ -45,9 +45,20 @@ def beats(metric: str, challenger: float, champion: float, margin: float) -> boo
 
 
 def choose(candidates: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """The candidate with the best ``score[metric]``; a tie goes to the later stage."""
-    best = candidates[0]
-    for candidate in candidates[1:]:
+    """The candidate with the best ``score[metric]``; a tie goes to the later stage.
+
+    A candidate whose training diverged (its ``diverged`` reason, from the stage's
+    ``result.json``) is never chosen, however well its last healthy checkpoint scores: the
+    stage did not finish its recipe. When every candidate diverged there is nothing to
+    register, which is an error naming each stage and why."""
+    healthy = [c for c in candidates if not c.get("diverged")]
+    if not healthy:
+        raise ThawError(
+            "nothing to register: the training of every stage diverged ("
+            + "; ".join(f"{c['stage']}: {c['diverged']}" for c in candidates)
+            + "). Lower the learning rates (probe_lr, partial_lr, full_lr) and run again")
+    best = healthy[0]
+    for candidate in healthy[1:]:
         if improvement(metric, candidate["score"][metric], best["score"][metric]) >= 0:
             best = candidate
     return best
@@ -139,7 +150,7 @@ def reason(decision: dict[str, Any], version: str) -> str:
                 f"hand and move the alias with MlflowClient().set_registered_model_alias)")
     if kind == "class_change":
         change = decision["class_change"]
-        head = (f"{me}, {mine}: classes changed ({_class_diff(change['champion'], change['data'])}"
+        head = (f"{me}, {mine}: classes changed ({class_diff(change['champion'], change['data'])}"
                 f"): champion {champ} was trained on {_names(change['champion'])}, this run's "
                 f"data has {_names(change['data'])}, so the two cannot be compared")
         return (f"{head}; promote_on_class_change is set: v{version} becomes champion"
@@ -166,12 +177,14 @@ def reason(decision: dict[str, Any], version: str) -> str:
     return f"{head}: {verdict}. {tested}{served}"
 
 
-def _class_diff(old: list[str], new: list[str]) -> str:
+def class_diff(old: list[str], new: list[str], old_name: str = "the champion",
+               new_name: str = "this run") -> str:
+    """How class list ``new`` differs from ``old``, in words."""
     gone, added = [c for c in old if c not in new], [c for c in new if c not in old]
     if not gone and not added:
         return "same classes, other order"
-    return "; ".join(part for part in (f"only the champion has {_names(gone)}" if gone else "",
-                                       f"only this run has {_names(added)}" if added else "")
+    return "; ".join(part for part in (f"only {old_name} has {_names(gone)}" if gone else "",
+                                       f"only {new_name} has {_names(added)}" if added else "")
                      if part)
 
 

@@ -18,6 +18,17 @@ SOLVERS = ("adamw", "lbfgs")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 
 
+class InvalidStageSettings(ThawError):
+    """Settings a stage refuses; ``problems`` says what is wrong with each field by name,
+    so callers that know the field under another name (a pipeline parameter) can say so."""
+
+    def __init__(self, stage: str, problems: dict[str, str]) -> None:
+        self.stage = stage
+        self.problems = problems
+        super().__init__(f"invalid settings for stage {stage!r}: " + "; ".join(
+            f"{field} {problem}" for field, problem in problems.items()))
+
+
 @dataclass(frozen=True)
 class StageConfig:
     """What one training stage trains and how.
@@ -68,40 +79,45 @@ class StageConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.trainable not in TRAINABLE_SETS:
-            problems.append(f"trainable must be one of {TRAINABLE_SETS}, got {self.trainable!r}")
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.backbone_lr_scale <= 1:
-            problems.append(f"backbone_lr_scale must be in (0, 1], got {self.backbone_lr_scale}")
-        if not 0 < self.layer_decay <= 1:
-            problems.append(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_fraction < 1:
-            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.augment not in AUGMENTATIONS:
-            problems.append(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
-        if self.solver not in SOLVERS:
-            problems.append(f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        elif self.solver == "lbfgs" and not self.uses_cached_features:
-            problems.append("solver 'lbfgs' fits the head on cached features: it needs "
-                            "trainable='head', augment='none' and cache_features=True")
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.patience < 1:
-            problems.append(f"patience must be >= 1, got {self.patience}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
+        problems = self._problems()
         if problems:
-            raise ThawError(f"invalid settings for stage {self.name!r}: " + "; ".join(problems))
+            raise InvalidStageSettings(self.name, problems)
+
+    def _problems(self) -> dict[str, str]:
+        """What is wrong, by field: ``{"epochs": "must be >= 1, got 0"}``."""
+        problems = {}
+        if self.trainable not in TRAINABLE_SETS:
+            problems["trainable"] = f"must be one of {TRAINABLE_SETS}, got {self.trainable!r}"
+        if self.epochs < 1:
+            problems["epochs"] = f"must be >= 1, got {self.epochs}"
+        if not self.lr > 0:
+            problems["lr"] = f"must be > 0, got {self.lr}"
+        if not 0 < self.backbone_lr_scale <= 1:
+            problems["backbone_lr_scale"] = f"must be in (0, 1], got {self.backbone_lr_scale}"
+        if not 0 < self.layer_decay <= 1:
+            problems["layer_decay"] = f"must be in (0, 1], got {self.layer_decay}"
+        if self.weight_decay < 0:
+            problems["weight_decay"] = f"must be >= 0, got {self.weight_decay}"
+        if not 0 <= self.warmup_fraction < 1:
+            problems["warmup_fraction"] = f"must be in [0, 1), got {self.warmup_fraction}"
+        if self.augment not in AUGMENTATIONS:
+            problems["augment"] = f"must be one of {AUGMENTATIONS}, got {self.augment!r}"
+        if self.solver not in SOLVERS:
+            problems["solver"] = f"must be one of {SOLVERS}, got {self.solver!r}"
+        elif self.solver == "lbfgs" and not self.uses_cached_features:
+            problems["solver"] = ("'lbfgs' fits the head on cached features: it needs "
+                                  "trainable='head', augment='none' and cache_features=True")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems["min_lr_ratio"] = f"must be in [0, 1], got {self.min_lr_ratio}"
+        if not 0 <= self.label_smoothing < 1:
+            problems["label_smoothing"] = f"must be in [0, 1), got {self.label_smoothing}"
+        if self.patience < 1:
+            problems["patience"] = f"must be >= 1, got {self.patience}"
+        if self.batch_size < 1:
+            problems["batch_size"] = f"must be >= 1, got {self.batch_size}"
+        if self.num_workers < 0:
+            problems["num_workers"] = f"must be >= 0, got {self.num_workers}"
+        return problems
 
     @property
     def uses_cached_features(self) -> bool:

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from thaw.data.prepared import Manifest
+from thaw.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,16 @@ def source_dataset(manifest: Manifest) -> MetaDataset:
     param)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
+    uri = redact(manifest.source)  # a URL may carry user:password@
     try:
         with warnings.catch_warnings():  # a local path matches two equivalent source types
             warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(manifest.source)
+            source = resolve_dataset_source(uri)
     except Exception:  # a path or scheme no registered source type takes
         from mlflow.data.http_dataset_source import HTTPDatasetSource
 
-        source = HTTPDatasetSource(url=manifest.source)
-    name = manifest.source.rstrip("/").rsplit("/", 1)[-1] or manifest.source
+        source = HTTPDatasetSource(url=uri)
+    name = uri.rstrip("/").rsplit("/", 1)[-1] or uri
     return MetaDataset(source, name=name, digest=manifest.fingerprint[:DIGEST_CHARS])
 
 
@@ -61,7 +63,8 @@ def log_source_dataset(run_id: str, manifest: Manifest, context: str = "training
         MlflowClient().log_inputs(run_id, datasets=[DatasetInput(
             dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
     except (MlflowException, OSError, ValueError) as err:
-        log.warning("could not log the source dataset to MLflow run %s: %s", run_id, err)
+        log.warning("could not log the source dataset to MLflow run %s: %s", run_id,
+                    redact(str(err)))
 
 
 def log_stage_comparison(parent_run_id: str, outcome: dict[str, Any]) -> bool:
@@ -75,7 +78,7 @@ def log_stage_comparison(parent_run_id: str, outcome: dict[str, Any]) -> bool:
             for s in outcome["stages"]}
         figure = comparison_figure(outcome, curves)
     except Exception as err:  # a chart is never worth a failed registration
-        log.warning("could not draw %s: %s", COMPARISON_FILE, err)
+        log.warning("could not draw %s: %s", COMPARISON_FILE, redact(str(err)))
         return False
     import matplotlib.pyplot as plt
 
@@ -84,7 +87,7 @@ def log_stage_comparison(parent_run_id: str, outcome: dict[str, Any]) -> bool:
         return True
     except Exception as err:
         log.warning("could not log %s to MLflow run %s: %s", COMPARISON_FILE, parent_run_id,
-                    err)
+                    redact(str(err)))
         return False
     finally:
         plt.close(figure)
@@ -178,5 +181,5 @@ def log_stage_models(outcome: dict[str, Any], checkpoints: dict[str, Path]) -> d
             models[name] = model_id
         except Exception as err:
             log.warning("could not log %s's model to MLflow run %s: %s", name,
-                        stage["run_id"], err)
+                        stage["run_id"], redact(str(err)))
     return models

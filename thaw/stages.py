@@ -36,15 +36,14 @@ def run_stage(
 
     ``checkpoint_uri``: where the stage's checkpoints are mirrored for resuming after a
     retry (see ``train_stage``). The seed is set before the new head is created, so the
-    same seed gives the same starting model.
+    same seed gives the same starting model. A checkpoint trained on other classes than
+    ``data``'s is refused before anything trains.
     """
     classes = data.manifest.classes
     torch.manual_seed(cfg.seed)
     if init_checkpoint is not None:
         payload = load_checkpoint(init_checkpoint)
-        if payload["meta"]["classes"] != classes:
-            raise ThawError(f"checkpoint {init_checkpoint} was trained on classes "
-                            f"{payload['meta']['classes']}, but the dataset has {classes}")
+        check_classes(f"checkpoint {init_checkpoint}", payload["meta"]["classes"], classes)
         model = model_from_checkpoint(payload)
         start_point = f"checkpoint sha256 {file_digest(init_checkpoint)}"
     else:
@@ -52,6 +51,22 @@ def run_stage(
         start_point = f"{arch} with weights {weights}"
     return train_stage(model, data, cfg, out_dir, on_epoch_end=on_epoch_end,
                        start_point=start_point, checkpoint_uri=checkpoint_uri)
+
+
+def check_classes(source: str, trained: list[str], classes: list[str]) -> None:
+    """Refuse a model trained on another class list (order included) than the data's: its
+    head's outputs would be read as the wrong classes, or not fit at all."""
+    from thaw.champion import class_diff
+
+    trained = list(trained)
+    if trained == list(classes):
+        return
+    raise ThawError(
+        f"{source} was trained on classes other than the dataset's: {len(trained)} classes "
+        f"in the checkpoint, {len(classes)} in the dataset "
+        f"({class_diff(trained, classes, 'the checkpoint', 'the dataset')}); its head cannot "
+        "be used on this data: start from its weights instead (weights=<file>, which gets a "
+        "new head) or use data with the checkpoint's classes")
 
 
 @torch.no_grad()
@@ -89,9 +104,7 @@ def score_checkpoint(path: Path, data: PreparedDataset, split: str) -> dict[str,
     """
     payload = load_checkpoint(path)
     classes = data.manifest.classes
-    if list(payload["meta"]["classes"]) != classes:
-        raise ThawError(f"checkpoint {path} was trained on classes {payload['meta']['classes']}"
-                        f", but the dataset has {classes}")
+    check_classes(f"checkpoint {path}", payload["meta"]["classes"], classes)
     as_served = not same_preprocessing(payload["meta"]["data_config"],
                                        data.manifest.data_config())
     if as_served:

@@ -4,6 +4,9 @@ nothing else, so every step runs and is tested without Kubeflow.
 MLflow: each training step opens a nested run under the pipeline run's parent run (found or
 created by the pipeline run id); evaluate adds test metrics to each stage's run; register
 picks the best stage by validation and applies the champion gate.
+
+Files a step writes are written atomically (complete or absent after a crash), and a step
+that could not record or upload what it made fails: it never reports success without it.
 """
 
 from __future__ import annotations
@@ -37,8 +40,17 @@ log = logging.getLogger(__name__)
 
 
 def preprocess_step(data_uri: str, out_dir: Path, *, arch: str, image_size: int, seed: int,
-                    max_bad_fraction: float) -> dict[str, Any]:
-    """Validate, split and resize the source once into a prepared dataset."""
+                    max_bad_fraction: float,
+                    pipeline_parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate, split and resize the source once into a prepared dataset.
+
+    Bad ``pipeline_parameters`` (those of the later steps too) are refused before anything
+    is listed or decoded, so a bad run fails here in seconds, not in a later step."""
+    from thaw.params import check_pipeline_parameters
+
+    check_pipeline_parameters({"backbone": arch, "image_size": image_size,
+                               "max_bad_fraction": max_bad_fraction,
+                               **(pipeline_parameters or {})})
     with tempfile.TemporaryDirectory() as workdir:
         manifest = prepare_dataset(
             data_uri, Path(out_dir), data_config=data_config(arch, image_size), seed=seed,
@@ -55,7 +67,11 @@ def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[
                arch: str, weights: str, init_dir: Path | None, experiment: str,
                pipeline_run_id: str) -> dict[str, Any]:
     """Train one stage (warm-started from ``init_dir``'s best checkpoint when given) inside
-    its own nested MLflow run; the run is marked failed if training raises."""
+    its own nested MLflow run; the run is marked failed if training raises.
+
+    ``out_dir`` (checkpoints, ``result.json``, ``stage_run.json``) is complete before the
+    MLflow run is finished, so an MLflow outage at the end loses no trained model: the
+    step then fails saying so, and running it again resumes from the checkpoints."""
     from thaw.stages import run_stage
 
     cfg = stage_config(stage, **settings)
@@ -67,23 +83,39 @@ def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[
         **cfg.to_dict(), "arch": arch, "weights": weights if init_dir is None else "previous stage",
         "data_fingerprint": data.manifest.fingerprint, "classes": len(data.manifest.classes)})
     mlflow_views.log_source_dataset(run_id, data.manifest)
+    log_epoch = tracking.epoch_logger(run_id)
     try:
         result = run_stage(
             data, cfg, Path(out_dir), arch=arch, weights=weights,
             init_checkpoint=Path(init_dir) / "best.pt" if init_dir else None,
-            on_epoch_end=tracking.epoch_logger(run_id), checkpoint_uri=checkpoint_uri,
+            on_epoch_end=log_epoch, checkpoint_uri=checkpoint_uri,
         )
     except BaseException as err:
-        tracking.fail_run(run_id, str(err))
-        if isinstance(err, ThawError):
-            _record_failure(checkpoint_uri, err)
+        _record_stage_failure(err, run_id, checkpoint_uri)
         raise
     summary = result.to_dict()
-    tracking.finish_stage_run(run_id, summary)
+    storage.write_json_atomic(Path(out_dir) / STAGE_RUN_FILE, {"run_id": run_id, "stage": stage})
+    try:
+        log_epoch.flush()
+        tracking.finish_stage_run(run_id, summary)
+    except storage.Unreachable as err:
+        raise storage.Unreachable(
+            f"stage {stage} trained and its outputs are complete in {out_dir}, but MLflow run "
+            f"{run_id} could not be finished: {err}. Run the step again once MLflow is "
+            "back: it resumes from the stage's checkpoints") from err
     log.info(SUMMARY, f"{stage}: best val macro-F1 {result.best_val['macro_f1']:.3f} "
                       f"(epoch {result.best_epoch})")
-    (Path(out_dir) / STAGE_RUN_FILE).write_text(json.dumps({"run_id": run_id, "stage": stage}))
     return summary
+
+
+def _record_stage_failure(err: BaseException, run_id: str, checkpoint_uri: str | None) -> None:
+    """Mark the stage's run failed and, for bad input, leave the marker that stops retries.
+    Neither may hide ``err`` (MLflow or S3 may be down as well)."""
+    tracking.best_effort(err, f"mark MLflow run {run_id} failed",
+                         lambda: tracking.fail_run(run_id, str(err)))
+    if isinstance(err, ThawError) and not isinstance(err, storage.Unreachable):
+        tracking.best_effort(err, "record the failure for retries of this step",
+                             lambda: _record_failure(checkpoint_uri, err))
 
 
 def stage_checkpoint_uri(pipeline_run_id: str, stage: str) -> str | None:
@@ -115,14 +147,12 @@ def _refuse_known_failure(checkpoint_uri: str | None) -> None:
 def _record_failure(checkpoint_uri: str | None, err: ThawError) -> None:
     if checkpoint_uri is None:
         return
-    text = json.dumps({"error": str(err)})
+    record = {"error": storage.redact(str(err))}
     if not storage.is_s3_uri(checkpoint_uri):
-        Path(checkpoint_uri).mkdir(parents=True, exist_ok=True)
-        (Path(checkpoint_uri) / FAILURE_FILE).write_text(text)
+        storage.write_json_atomic(Path(checkpoint_uri) / FAILURE_FILE, record)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        marker = Path(tmp) / FAILURE_FILE
-        marker.write_text(text)
+        marker = storage.write_json_atomic(Path(tmp) / FAILURE_FILE, record)
         storage.upload_file(marker, f"{checkpoint_uri}/{FAILURE_FILE}")
 
 
@@ -138,8 +168,8 @@ def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, 
         if stage not in stage_dirs:
             continue
         stage_dir = Path(stage_dirs[stage])
-        result = json.loads((stage_dir / "result.json").read_text())
-        run = json.loads((stage_dir / STAGE_RUN_FILE).read_text())
+        result = _stage_record(stage_dir, "result.json")
+        run = _stage_record(stage_dir, STAGE_RUN_FILE)
         test = evaluate_checkpoint(stage_dir / "best.pt", data, "test")
         tracking.log_evaluation(run["run_id"], stage, test, data.manifest.classes)
         report["stages"].append({
@@ -147,12 +177,25 @@ def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, 
             "best_epoch": result["best_epoch"],
             "wall_seconds": result["wall_seconds"],
             "train_images_per_sec": result["train_images_per_sec"],
+            # Why training stopped on a NaN/infinite loss; None if it did not. Register
+            # never chooses a diverged stage (thaw.champion.choose).
+            "diverged": result.get("diverged"),
         })
     if not report["stages"]:
         raise ThawError("evaluate got no trained stage to evaluate")
     log.info(SUMMARY, "test macro-F1 " + ", ".join(
         f"{s['stage']} {s['test']['macro_f1']:.3f}" for s in report["stages"]))
     return report
+
+
+def _stage_record(stage_dir: Path, name: str) -> dict[str, Any]:
+    """A JSON record a training step left in its output folder."""
+    path = stage_dir / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ThawError(f"{path} is missing or unreadable ({err}): the stage in {stage_dir} "
+                        "did not finish; run its training step again") from err
 
 
 def register_step(report: dict[str, Any], stage_dirs: dict[str, Path], prepared_dir: Path, *,
@@ -206,16 +249,20 @@ def register_step(report: dict[str, Any], stage_dirs: dict[str, Path], prepared_
 
 def latest_outcome(experiment: str, since: float) -> dict[str, Any]:
     """The outcome register recorded on the newest pipeline run started after ``since``."""
-    found = mlflow.search_runs(
-        experiment_names=[experiment], output_format="list", max_results=1,
-        filter_string=f"tags.thaw.pipeline_run_id != '' and attributes.start_time >= "
-                      f"{int(since * 1000)}",
-        order_by=["attributes.start_time DESC"])
+    with tracking.tracking_errors("find the newest pipeline run"):
+        found = mlflow.search_runs(
+            experiment_names=[experiment], output_format="list", max_results=1,
+            filter_string=f"tags.thaw.pipeline_run_id != '' and attributes.start_time >= "
+                          f"{int(since * 1000)}",
+            order_by=["attributes.start_time DESC"])
     found = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     if not found:
         raise ThawError(f"no pipeline run recorded in MLflow experiment {experiment!r}")
     try:
-        return mlflow.artifacts.load_dict(f"runs:/{found[0].info.run_id}/{OUTCOME_FILE}")
+        with tracking.tracking_errors("read the pipeline run's outcome"):
+            return mlflow.artifacts.load_dict(f"runs:/{found[0].info.run_id}/{OUTCOME_FILE}")
+    except storage.Unreachable:
+        raise
     except Exception as err:
         raise ThawError(f"pipeline run {found[0].info.run_id} registered nothing") from err
 

@@ -3,33 +3,94 @@
 The S3 endpoint and credentials come from the standard environment variables
 (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), which boto3 reads
 itself, so the same code talks to AWS, MinIO or a local test server.
+
+Faults: botocore retries refused or dropped connections, timeouts and 5xx answers with
+jittered exponential backoff (its "standard" mode) up to `AWS_MAX_ATTEMPTS` attempts; after
+that an `Unreachable` error names the endpoint, the attempts and the time spent. Object keys
+are untrusted and never become paths outside the download folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import boto3
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from boto3.exceptions import Boto3Error
+from boto3.exceptions import RetriesExceededError as TransferRetriesExceeded
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from thaw.errors import ThawError
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _TRANSFER_THREADS = 8
+S3_ATTEMPTS_ENV = "AWS_MAX_ATTEMPTS"  # botocore's own variable, read here to report it
+S3_DEFAULT_ATTEMPTS = 12  # jittered backoff capped at 20 s: rides out ~30 s on average
+_S3_CONNECT_TIMEOUT_S = 10
+_S3_READ_TIMEOUT_S = 60
+# Values of these variables are never written to logs, MLflow or error records.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+              "MLFLOW_TRACKING_TOKEN")
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+class Unreachable(ThawError):
+    """A service (S3, MLflow) did not answer after its retries. Unlike other ThawErrors
+    this is not a problem of the input: the same step may succeed once it is back."""
+
+
+def redact(text: str) -> str:
+    """``text`` without the values of the secret variables in ``SECRET_ENV`` and without
+    the ``user:password@`` part of URLs."""
+    for name in SECRET_ENV:
+        secret = os.environ.get(name, "")
+        if len(secret) >= 4:  # shorter values would blank out ordinary words
+            text = text.replace(secret, "***")
+    return _URL_USERINFO.sub("***@", text)
+
+
+def unreachable_message(service: str, endpoint: str, attempts: int, started: float,
+                        cause: BaseException | str, fix: str) -> str:
+    """The one wording of "a service stayed down": endpoint, attempts, time, cause, fix."""
+    return redact(f"{service} {endpoint} unreachable after {attempts} attempts over "
+                  f"{time.monotonic() - started:.1f} s: {cause} ({fix})")
+
+
+def s3_attempts() -> int:
+    """Attempts per S3 request (first try included): ``$AWS_MAX_ATTEMPTS`` or 12."""
+    raw = os.environ.get(S3_ATTEMPTS_ENV, "").strip()
+    if not raw:
+        return S3_DEFAULT_ATTEMPTS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ThawError(f"{S3_ATTEMPTS_ENV}={raw!r} is not valid: set a whole number of "
+                        "attempts >= 1, or unset it for the default of "
+                        f"{S3_DEFAULT_ATTEMPTS}")
+    return int(raw)
 
 
 def s3_client() -> Any:
-    """A boto3 S3 client configured from the environment (endpoint, region, credentials)."""
-    return boto3.client("s3")
+    """A boto3 S3 client configured from the environment (endpoint, region, credentials),
+    retrying transient failures ``s3_attempts()`` times in botocore's standard mode."""
+    config = Config(retries={"max_attempts": s3_attempts(), "mode": "standard"},
+                    connect_timeout=_S3_CONNECT_TIMEOUT_S, read_timeout=_S3_READ_TIMEOUT_S)
+    return boto3.client("s3", config=config)
 
 
 def is_s3_uri(uri: str | os.PathLike[str]) -> bool:
@@ -51,7 +112,9 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 @contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
-    """Turn botocore failures into a ThawError that names the URI and the likely fix."""
+    """Turn botocore failures into a ThawError that names the URI and the likely fix (an
+    ``Unreachable`` one when the endpoint stayed down through every retry)."""
+    started = time.monotonic()
     try:
         yield
     except NoCredentialsError as exc:
@@ -59,13 +122,35 @@ def _s3_errors(uri: str) -> Iterator[None]:
             f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
         ) from exc
     except ClientError as exc:
-        error = exc.response.get("Error", {})
-        code, message = error.get("Code", "?"), error.get("Message", str(exc))
-        raise ThawError(f"S3 request for {uri} failed: {code}: {message}") from exc
+        raise _client_error(uri, exc, started) from exc
+    except (BotoConnectionError, HTTPClientError, TransferRetriesExceeded) as exc:
+        raise Unreachable(_s3_unreachable(uri, exc, started)) from exc
     except BotoCoreError as exc:
-        raise ThawError(
+        raise ThawError(redact(
             f"S3 request for {uri} failed: {exc} (check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)"
-        ) from exc
+        )) from exc
+    except Boto3Error as exc:  # boto3 wraps a ClientError of an upload in S3UploadFailedError
+        cause = exc.__context__
+        if isinstance(cause, ClientError):
+            raise _client_error(uri, cause, started) from exc
+        raise ThawError(redact(f"S3 request for {uri} failed: {exc}")) from exc
+
+
+def _client_error(uri: str, exc: ClientError, started: float) -> ThawError:
+    """An S3 error answer; a 5xx that outlived every retry means the service is down."""
+    error = exc.response.get("Error", {})
+    code, message = error.get("Code", "?"), error.get("Message", str(exc))
+    meta = exc.response.get("ResponseMetadata", {})
+    if int(meta.get("HTTPStatusCode", 0)) >= 500:
+        return Unreachable(_s3_unreachable(uri, f"{code}: {message}", started))
+    return ThawError(redact(f"S3 request for {uri} failed: {code}: {message}"))
+
+
+def _s3_unreachable(uri: str, cause: BaseException | str, started: float) -> str:
+    return unreachable_message(
+        "S3 endpoint", s3_client().meta.endpoint_url, s3_attempts(), started,
+        f"{cause} (for {uri})",
+        f"check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3; {S3_ATTEMPTS_ENV} sets the attempts")
 
 
 def _folder_prefix(prefix: str) -> str:
@@ -125,14 +210,16 @@ def exists(uri: str) -> bool:
 def safe_join(dest: Path, relative_key: str) -> Path:
     """Map an object key (relative to the downloaded prefix) to a path inside `dest`.
 
-    Keys are untrusted: `..`, absolute keys and empty segments could write outside `dest` or
-    collide, so they are refused rather than normalised.
+    Keys are untrusted: `..`, absolute keys, empty segments, backslashes (a separator on
+    Windows) and NUL could write outside `dest` or collide, so they are refused rather than
+    normalised.
     """
     parts = relative_key.split("/")
-    if relative_key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    if (relative_key.startswith("/") or any(p in ("", ".", "..") for p in parts)
+            or "\\" in relative_key or "\0" in relative_key):
         raise ThawError(
-            f"unsafe S3 key {relative_key!r}: keys with '..', '.', '//' or a leading '/' "
-            "cannot be mapped to a local file; rename the object"
+            f"unsafe S3 key {relative_key!r}: keys with '..', '.', '//', a leading '/', a "
+            "backslash or NUL cannot be mapped to a local file; rename the object"
         )
     path = dest.joinpath(*parts)
     if not path.resolve().is_relative_to(dest.resolve()):
@@ -157,6 +244,18 @@ def _run_parallel(fn: Callable[..., None], jobs: list[tuple[Any, ...]]) -> None:
             future.result()
 
 
+def _check_no_file_is_a_folder(relative_keys: Iterable[str]) -> None:
+    """Refuse keys like ``a/b`` next to ``a/b/c``: ``a/b`` cannot be a file and a folder."""
+    keys = set(relative_keys)
+    for key in sorted(keys):
+        parts = key.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in keys:
+                raise ThawError(f"S3 keys {folder!r} and {key!r} clash: {folder!r} would have "
+                                "to be both a file and a folder; rename or delete one of them")
+
+
 def _download_keys(uri: str, keys: list[str], dest: Path) -> Path:
     bucket, prefix = split_s3_uri(uri)
     folder = _folder_prefix(prefix)
@@ -166,6 +265,7 @@ def _download_keys(uri: str, keys: list[str], dest: Path) -> Path:
         for key in keys
         if not key.endswith("/")  # folder markers written by some tools
     ]
+    _check_no_file_is_a_folder(key[len(folder):] for key, _ in jobs)
     dest.mkdir(parents=True, exist_ok=True)
     client = s3_client()
     with _s3_errors(uri):
@@ -176,6 +276,35 @@ def _download_keys(uri: str, keys: list[str], dest: Path) -> Path:
 def download_prefix(uri: str, dest: Path) -> Path:
     """Download every object under the folder `uri` into `dest`, keeping relative paths."""
     return _download_keys(uri, list_s3_objects(uri), Path(dest))
+
+
+def write_atomic(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> Path:
+    """Create or replace ``path`` with what ``write(handle)`` writes, through a temporary
+    file in the same folder and a rename: after a failure or a crash the file is complete
+    (new or old) or absent, never half written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")  # mode from the umask
+    try:
+        with open(tmp, "xb" if binary else "x", encoding=None if binary else "utf-8") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """``path.write_text(text)``, atomically (see ``write_atomic``)."""
+    return write_atomic(path, lambda handle: handle.write(text))
+
+
+def write_json_atomic(path: Path, value: Any, **dump_args: Any) -> Path:
+    """``value`` as JSON in ``path``, atomically: a value that cannot be serialised half way
+    through leaves no partial file."""
+    return write_atomic(path, lambda handle: json.dump(value, handle, **dump_args))
 
 
 def _join_key(prefix: str, relative: str) -> str:

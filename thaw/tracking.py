@@ -4,6 +4,12 @@ and the registration of the best stage behind a champion gate.
 Pipeline steps run in separate processes, so nothing here relies on MLflow's "active run":
 runs are addressed by id through ``MlflowClient``, and the parent run is found again by its
 ``thaw.pipeline_run_id`` tag. The tracking server comes from ``MLFLOW_TRACKING_URI``.
+
+Outages: MLflow's client retries refused or dropped connections and 5xx answers itself
+(``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``,
+``MLFLOW_HTTP_REQUEST_TIMEOUT``: by default 7 retries backing off 4 s to 2 min, about 4
+minutes in all); when they are spent, the functions here raise ``storage.Unreachable``
+naming the server. Values of secret variables never reach params, tags or logs.
 """
 
 from __future__ import annotations
@@ -11,16 +17,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -29,6 +42,7 @@ from thaw import mlflow_views
 from thaw.champion import CHAMPION
 from thaw.data.prepared import PreparedDataset
 from thaw.errors import ThawError
+from thaw.storage import Unreachable, redact, unreachable_message
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +52,55 @@ ERROR_TAG = "thaw.error"
 PROMOTION_TAG = "thaw.promotion"  # the champion gate's reason, on the version and parent run
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 _MAX_TAG = 5000  # MLflow caps tag values at 8000 characters
+_METRICS_PER_BATCH = 1000  # MLflow's cap per log_batch call
 
 
+@contextmanager
+def tracking_errors(action: str) -> Iterator[None]:
+    """Turn "MLflow did not answer after its retries" into ``Unreachable`` naming the
+    server and ``action``; other MLflow errors pass unchanged."""
+    started = time.monotonic()
+    try:
+        yield
+    except (MlflowException, requests.exceptions.RequestException) as err:
+        if _outage(err) is None:
+            raise
+        raise Unreachable(unreachable_message(
+            "MLflow tracking server", mlflow.get_tracking_uri(),
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() + 1, started, f"could not {action}: {err}",
+            "check MLFLOW_TRACKING_URI; MLFLOW_HTTP_REQUEST_MAX_RETRIES and "
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR set the retries")) from err
+
+
+def _outage(err: BaseException) -> BaseException | None:
+    """The connection failure, timeout or 5xx behind ``err``, if that is what it was (MLflow
+    raises its own exception with the ``requests`` one as context)."""
+    seen: BaseException | None = err
+    for _ in range(8):  # a short chain: never loop on a cyclic one
+        if seen is None:
+            return None
+        if isinstance(seen, requests.exceptions.HTTPError):
+            if seen.response is not None and seen.response.status_code >= 500:
+                return seen
+        elif (isinstance(seen, requests.exceptions.RequestException)
+              and not isinstance(seen, requests.exceptions.InvalidURL)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def best_effort(err: BaseException, action: str, call: Callable[[], Any]) -> None:
+    """Run the clean-up ``call`` after ``err``. If it fails too, the failure is logged and
+    added to ``err``'s notes, never raised: ``err`` is the error the user must see."""
+    try:
+        call()
+    except Exception as secondary:
+        log.error("could not %s after an error (%s): %s", action, redact(str(err)),
+                  redact(str(secondary)))
+        err.add_note(redact(f"could not {action} after this failure: {secondary}"))
+
+
+@tracking_errors("find or create the pipeline's parent run")
 def ensure_parent_run(experiment: str, pipeline_run_id: str,
                       params: dict[str, Any] | None = None) -> str:
     """The id of the pipeline run's parent run, created (RUNNING, with ``params``) in
@@ -55,6 +116,7 @@ def ensure_parent_run(experiment: str, pipeline_run_id: str,
     return run.info.run_id
 
 
+@tracking_errors("start the stage run")
 def start_stage_run(parent_run_id: str, stage: str, params: dict[str, Any]) -> str:
     """A nested run for one stage under the parent run, with ``params`` (nested dicts
     flattened to ``a.b`` keys)."""
@@ -66,28 +128,50 @@ def start_stage_run(parent_run_id: str, stage: str, params: dict[str, Any]) -> s
     return run.info.run_id
 
 
-def epoch_logger(run_id: str) -> Callable[[dict[str, Any]], None]:
+class EpochLogger:
     """An ``on_epoch_end`` callback logging an epoch record's numbers as metrics at
     ``step=record["epoch"]``.
 
-    A tracking outage must not kill hours of training, so a failed call only warns: the
-    whole history is in ``result.json`` as well.
+    A tracking outage must not kill hours of training, so a failed call only warns and
+    keeps the epoch's metrics: they go with the next epoch's, or with ``flush()`` at the
+    end, so MLflow catches up once the server is back (the whole history is in
+    ``result.json`` as well).
     """
-    client = MlflowClient()
 
-    def log_epoch(record: dict[str, Any]) -> None:
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.pending: list[Metric] = []
+        self._client = MlflowClient()
+
+    def __call__(self, record: dict[str, Any]) -> None:
         step = int(record["epoch"])
         now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, step)
-                   for key, value in _numbers(record) if key != "epoch"]
+        self.pending += [Metric(key, float(value), now, step)
+                         for key, value in _numbers(record) if key != "epoch"]
         try:
-            client.log_batch(run_id, metrics=metrics)
+            self._send()
         except (MlflowException, OSError) as err:
-            log.warning("could not log epoch %d to MLflow run %s: %s", step, run_id, err)
+            log.warning("could not log epoch %d to MLflow run %s (kept for the next try): %s",
+                        step, self.run_id, redact(str(err)))
 
-    return log_epoch
+    def flush(self) -> None:
+        """Send what earlier calls could not; ``Unreachable`` if MLflow is still down."""
+        with tracking_errors(f"log the epoch metrics of run {self.run_id}"):
+            self._send()
+
+    def _send(self) -> None:
+        while self.pending:
+            batch = self.pending[:_METRICS_PER_BATCH]
+            self._client.log_batch(self.run_id, metrics=batch)
+            del self.pending[:len(batch)]
 
 
+def epoch_logger(run_id: str) -> EpochLogger:
+    """The ``on_epoch_end`` callback of a stage's run (see ``EpochLogger``)."""
+    return EpochLogger(run_id)
+
+
+@tracking_errors("finish the stage run")
 def finish_stage_run(run_id: str, result: dict[str, Any]) -> None:
     """Log a stage's summary (``StageResult.to_dict()``) and mark its run FINISHED."""
     client = MlflowClient()
@@ -102,17 +186,36 @@ def finish_stage_run(run_id: str, result: dict[str, Any]) -> None:
         tags=[RunTag(f"thaw.{key}", str(result[key]).lower())
               for key in ("stopped_early", "cached_features") if key in result],
     )
-    client.log_text(run_id, json.dumps(result, indent=2, default=str), "result.json")
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    client.log_text(run_id, redact(json.dumps(result, indent=2, default=str)), "result.json")
+    _terminate(client, run_id, RunStatus.FINISHED)
 
 
+@tracking_errors("mark the run failed")
 def fail_run(run_id: str, message: str) -> None:
-    """Mark a run FAILED, with the reason in its ``thaw.error`` tag."""
+    """Mark a run FAILED, with the reason (secrets redacted) in its ``thaw.error`` tag."""
     client = MlflowClient()
-    client.set_tag(run_id, ERROR_TAG, message[:_MAX_TAG] or "failed")
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    client.set_tag(run_id, ERROR_TAG, redact(message)[:_MAX_TAG] or "failed")
+    _terminate(client, run_id, RunStatus.FAILED)
 
 
+def _terminate(client: MlflowClient, run_id: str, status: int) -> None:
+    """End a run with ``status``. MLflow prints the run's URL to stdout as it does so; with
+    ``user:password@`` in the tracking URI that would put the password in the step's log,
+    so then it prints nothing."""
+    name = MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name
+    saved = os.environ.get(name)
+    if redact(client.tracking_uri) != client.tracking_uri:
+        os.environ[name] = "true"
+    try:
+        client.set_terminated(run_id, RunStatus.to_string(status))
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+@tracking_errors("log the test results")
 def log_evaluation(run_id: str, stage: str, metrics: dict[str, Any], classes: list[str]) -> None:
     """Log test-set results (``classification_metrics(..., detailed=True)``) to a stage's run:
     ``test_accuracy``, ``test_macro_f1``, ``test_{precision,recall,f1}_<class>`` metrics, and
@@ -140,6 +243,7 @@ def log_evaluation(run_id: str, stage: str, metrics: dict[str, Any], classes: li
         plt.close(figure)
 
 
+@tracking_errors("end the pipeline's parent run")
 def finish_parent_run(experiment: str, pipeline_run_id: str, succeeded: bool,
                       message: str = "") -> None:
     """End the pipeline's parent run FINISHED or FAILED (``message``: why it failed); it is
@@ -160,11 +264,12 @@ def finish_parent_run(experiment: str, pipeline_run_id: str, succeeded: bool,
         fail_run(child.info.run_id, "the pipeline ended while this stage was still running"
                  + (f": {message}" if message else ""))
     if succeeded:
-        client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FINISHED))
+        _terminate(client, parent_id, RunStatus.FINISHED)
     else:
         fail_run(parent_id, message)
 
 
+@tracking_errors("register the model")
 def register_best(
     *,
     parent_run_id: str,
@@ -279,7 +384,7 @@ def _undo_registration(client: MlflowClient, model_name: str, version: str,
     """Give the alias back to ``previous`` (or remove it) if it was moved, delete the new
     version and say so on the parent run. A step of this that fails is added to ``err``'s
     notes, never raised."""
-    undone = f"registration of v{version} undone after an error: {err}"[:_MAX_TAG]
+    undone = redact(f"registration of v{version} undone after an error: {err}")[:_MAX_TAG]
     steps: list[tuple[str, Callable[[], Any]]] = []
     if moved and previous is not None:
         steps.append((f"give {CHAMPION} back to v{previous}", lambda: client.
@@ -294,12 +399,7 @@ def _undo_registration(client: MlflowClient, model_name: str, version: str,
     steps.append(("record the undo on the parent run",
                   lambda: client.log_batch(parent_run_id, tags=tags)))
     for what, undo in steps:
-        try:
-            undo()
-        except Exception as undo_err:  # keep the original error; say what is left to fix
-            log.error("registration of %s failed and could not %s: %s", model_name, what,
-                      undo_err)
-            err.add_note(f"could not {what} of {model_name!r} after this failure: {undo_err}")
+        best_effort(err, f"{what} of {model_name!r}", undo)
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
@@ -331,7 +431,7 @@ def _find_parent(client: MlflowClient, experiment_id: str, pipeline_run_id: str)
 
 
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    flat = [Param(key, str(value)) for key, value in _flatten(params)]
+    flat = [Param(key, redact(str(value))) for key, value in _flatten(params)]
     for start in range(0, len(flat), _BATCH):
         client.log_batch(run_id, params=flat[start:start + _BATCH])
 

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from thaw.errors import ThawError
 
@@ -15,27 +16,24 @@ LOCAL_ROOT = Path(".thaw")
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from pipelines.thaw_pipeline import compile_pipeline
-    from thawctl.compiled import cluster_settings
+    from thawctl.compiled import checked_parameters, cluster_settings, compile_spec
 
     settings = cluster_settings(args.config, args.image)
-    path = compile_pipeline(args.output, settings)
-    print(f"wrote {path} (image {settings.image}): upload it in the Kubeflow UI")
+    compiled = compile_spec(settings)
+    checked_parameters({}, compiled)  # the defaults the Kubeflow UI will offer
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(compiled.text)
+    print(f"wrote {args.output} (image {settings.image}): upload it in the Kubeflow UI")
     return 0
 
 
-def _parameters(pairs: list[str]) -> dict[str, object]:
-    """``name=value`` pairs; values parsed as JSON where they parse (numbers), else strings."""
-    parameters: dict[str, object] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise ThawError(f"parameter {pair!r} must look like name=value")
-        try:
-            parameters[name] = json.loads(value)
-        except json.JSONDecodeError:
-            parameters[name] = value
-    return parameters
+def _parameters(pairs: list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``--param name=value`` pairs over ``base``, typed as the pipeline declares them and
+    checked (``thaw.params``) before anything starts."""
+    from thawctl.compiled import checked_parameters, cluster_settings, compile_spec, split_pairs
+
+    raw = {**(base or {}), **split_pairs(pairs)}
+    return checked_parameters(raw, compile_spec(cluster_settings(None)))
 
 
 def _print_outcome(outcome: dict) -> None:
@@ -56,12 +54,13 @@ def _print_outcome(outcome: dict) -> None:
 def _run_local(args: argparse.Namespace) -> int:
     from thawctl.local_run import run_isolated, run_local
 
+    parameters = _parameters(args.param)
     if args.isolated:
-        outcome = run_isolated(_parameters(args.param), LOCAL_ROOT / "isolated",
+        outcome = run_isolated(parameters, LOCAL_ROOT / "isolated",
                                engine=args.engine, image=args.image,
                                settings_file=args.config)
     else:
-        outcome = run_local(_parameters(args.param), LOCAL_ROOT / "local_outputs")
+        outcome = run_local(parameters, LOCAL_ROOT / "local_outputs")
     _print_outcome(outcome)
     return 0
 
@@ -70,12 +69,12 @@ def _demo(args: argparse.Namespace) -> int:
     from thaw.stack import stack_up
     from thawctl.local_run import DEMO_PARAMETERS, run_local, upload_sample
 
+    parameters = _parameters(args.param, DEMO_PARAMETERS)
     info = stack_up(LOCAL_ROOT / "stack")
     os.environ.update(info.env())
     print(f"stack up: S3 {info.s3_endpoint}, MLflow {info.tracking_uri}")
     print(f"sample dataset uploaded to {upload_sample()}")
-    outcome = run_local({**DEMO_PARAMETERS, **_parameters(args.param)},
-                        LOCAL_ROOT / "local_outputs")
+    outcome = run_local(parameters, LOCAL_ROOT / "local_outputs")
     _print_outcome(outcome)
     experiment = DEMO_PARAMETERS["mlflow_experiment"]
     print(f"\nOpen the MLflow UI: {info.ui_url}  (experiment {experiment})"

@@ -1,6 +1,6 @@
 """The compiled pipeline as the cluster commands use it: the cluster settings (`--config`,
 `--image`), the spec's text and its hash, and its declared parameters, against which
-``--param`` / ``--params-file`` values are checked and typed."""
+``--param`` / ``--params-file`` values are typed and then checked (``thaw.params``)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import dataclasses
 import hashlib
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from thaw.errors import ThawError
+from thaw.params import check_pipeline_parameters
 
 if TYPE_CHECKING:  # imported lazily at run time: pipelines pulls in kfp
     from pipelines.settings import ClusterSettings
@@ -44,6 +45,7 @@ class CompiledPipeline:
     text: str
     parameter_types: dict[str, str]  # name -> KFP parameterType
     name: str
+    defaults: dict[str, Any] = field(default_factory=dict)  # name -> typed default value
 
     @property
     def sha256(self) -> str:
@@ -68,8 +70,10 @@ def compile_spec(settings: ClusterSettings) -> CompiledPipeline:
         text = compile_pipeline(Path(tmp) / PACKAGE_NAME, settings).read_text()
     spec = next(yaml.safe_load_all(text))
     inputs = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    types = {k: v["parameterType"] for k, v in inputs.items()}
+    defaults = {k: v["defaultValue"] for k, v in inputs.items() if "defaultValue" in v}
     return CompiledPipeline(text=text, name=spec["pipelineInfo"]["name"],
-                            parameter_types={k: v["parameterType"] for k, v in inputs.items()})
+                            parameter_types=types, defaults=typed_parameters(defaults, types))
 
 
 def read_params_file(path: Path | None) -> dict[str, Any]:
@@ -107,6 +111,15 @@ def typed_parameters(raw: dict[str, Any], types: dict[str, str]) -> dict[str, An
         raise ThawError(f"unknown pipeline parameter(s) {unknown}; "
                         f"the pipeline takes {sorted(types)}")
     return {name: _convert(name, value, types[name]) for name, value in raw.items()}
+
+
+def checked_parameters(raw: dict[str, Any], compiled: CompiledPipeline) -> dict[str, Any]:
+    """``raw`` typed as the pipeline declares it, then the run's whole parameter set (the
+    spec's defaults for what ``raw`` leaves out) checked by ``thaw.params``: bad values are
+    refused here, before anything connects, uploads or starts."""
+    typed = typed_parameters(raw, compiled.parameter_types)
+    check_pipeline_parameters({**compiled.defaults, **typed})
+    return typed
 
 
 def _convert(name: str, value: Any, kind: str) -> Any:

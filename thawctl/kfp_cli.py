@@ -12,11 +12,11 @@ from typing import Any
 
 from thawctl.compiled import (
     CompiledPipeline,
+    checked_parameters,
     cluster_settings,
     compile_spec,
     read_params_file,
     split_pairs,
-    typed_parameters,
 )
 from thawctl.cron import HELP as CRON_HELP
 from thawctl.cron import check_cron
@@ -143,11 +143,12 @@ def _connect(args: argparse.Namespace) -> Kfp:
 
 
 def _prepare(args: argparse.Namespace) -> tuple[CompiledPipeline, dict[str, Any], str]:
-    """Compile and type the parameters before talking to the cluster: input errors first."""
+    """Compile, type and check the parameters before talking to the cluster: input errors
+    first."""
     settings = cluster_settings(args.config, args.image)
     compiled = compile_spec(settings)
     raw = {**read_params_file(args.params_file), **split_pairs(args.param)}
-    return compiled, typed_parameters(raw, compiled.parameter_types), settings.image
+    return compiled, checked_parameters(raw, compiled), settings.image
 
 
 def _upload(kfp: Kfp, args: argparse.Namespace, compiled: CompiledPipeline,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,9 @@ from thaw.backbones import stage_groups
 from thaw.checkpoint import CheckpointMirror, load_checkpoint, save_checkpoint
 from thaw.config import StageConfig
 from thaw.data.prepared import PreparedDataset
+from thaw.errors import ThawError
 from thaw.evaluation import classification_metrics
+from thaw.storage import write_json_atomic
 from thaw.training.feeds import FeatureFeed, ImageFeed
 from thaw.training.freeze import apply_trainable, set_train_mode
 from thaw.training.optim import build_optimizer, build_scheduler
@@ -28,6 +31,10 @@ log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "macro_f1"
 EpochCallback = Callable[[dict[str, Any]], None]
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite: training stops, the model is no longer usable."""
 
 
 @dataclass
@@ -47,6 +54,10 @@ class StageResult:
     stopped_early: bool = False
     cached_features: bool = False
     trainable_params: int = 0
+    # Why training stopped on a NaN/infinite loss ("training loss became nan at epoch 2
+    # step 5"); None when it did not. A diverged stage keeps its best healthy checkpoint
+    # but is never chosen for registration (thaw.champion.choose).
+    diverged: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +81,10 @@ def train_stage(
     """Train the parameters ``cfg.trainable`` selects, keep the best checkpoint by validation
     macro-F1, stop early after ``cfg.patience`` epochs without improvement on the best
     trained epoch. The starting point is scored first, as epoch 0, and stays the best when
-    no epoch beats it.
+    no epoch beats it. A NaN or infinite loss (training or validation) stops the stage at
+    once: the epoch is not kept, ``best.pt`` stays the best healthy epoch and
+    ``StageResult.diverged`` says where it happened. A starting point whose validation loss is
+    already not finite is refused with a ``ThawError``.
 
     A fresh optimizer and schedule are built here, after freezing, so they only ever see
     this stage's trainable parameters. ``out_dir/last.pt`` is written every epoch; calling
@@ -122,6 +136,11 @@ def train_stage(
         # score below it hands on the model it was given, never a worse one.
         tick = time.perf_counter()
         val = _validate(feed, criterion, data.manifest.classes)
+        if not math.isfinite(val["loss"]):
+            raise ThawError(f"stage {cfg.name} cannot start: its starting point "
+                            f"({start_point or 'the given model'}) gives a {val['loss']} "
+                            "validation loss; check its weights or the checkpoint it was "
+                            "loaded from")
         record = {"epoch": 0, "train_images": 0, "train_seconds": 0.0,
                   **{f"val_{k}": v for k, v in val.items()},
                   "epoch_seconds": time.perf_counter() - tick}
@@ -131,18 +150,28 @@ def train_stage(
             on_epoch_end(record)
     path = regularisation_path(cfg.epochs) if cfg.solver == "lbfgs" else []
     for epoch in range(state["epoch"], cfg.epochs):
-        if state["bad_epochs"] >= cfg.patience:
+        if state["bad_epochs"] >= cfg.patience or state.get("diverged"):
             break
         epoch_start = time.perf_counter()
         torch.manual_seed(cfg.seed * 100_003 + epoch + 1)
-        if path:
-            features, labels = feed.features["train"].tensors
-            train = fit_logistic(feed.net, features, labels, criterion, path[epoch])
-        else:
-            train = _train_epoch(model, feed, optimizer, scheduler, criterion, epoch,
-                                 steps_per_epoch, cfg.update_bn_stats)
-            train["lr"] = optimizer.param_groups[0]["lr"]
-        val = _validate(feed, criterion, data.manifest.classes)
+        try:
+            if path:
+                features, labels = feed.features["train"].tensors
+                train = fit_logistic(feed.net, features, labels, criterion, path[epoch])
+                _check_finite(train["train_loss"], f"training loss became {{}} at epoch "
+                                                   f"{epoch + 1} (L-BFGS fit)")
+            else:
+                train = _train_epoch(model, feed, optimizer, scheduler, criterion, epoch,
+                                     steps_per_epoch, cfg.update_bn_stats)
+                train["lr"] = optimizer.param_groups[0]["lr"]
+            val = _validate(feed, criterion, data.manifest.classes)
+            _check_finite(val["loss"], f"validation loss became {{}} after epoch {epoch + 1}")
+        except Diverged as err:
+            state["diverged"] = str(err)
+            log.error("%s diverged: %s; training stopped, its best healthy checkpoint "
+                      "(epoch %d) is kept and the stage will not be chosen for registration",
+                      cfg.name, err, state["best_epoch"])
+            break
         record = {"epoch": epoch + 1, **train, **{f"val_{k}": v for k, v in val.items()},
                   "epoch_seconds": time.perf_counter() - epoch_start}
         _keep(state, record, val, model, best_path, {**meta, "epoch": epoch + 1, "val": val},
@@ -175,8 +204,9 @@ def train_stage(
         stopped_early=state["epoch"] < cfg.epochs,
         cached_features=cfg.uses_cached_features,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        diverged=state.get("diverged"),
     )
-    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    write_json_atomic(out_dir / "result.json", result.to_dict(), indent=2)
     return result
 
 
@@ -214,11 +244,13 @@ def _train_epoch(model, feed, optimizer, scheduler, criterion, epoch, steps_per_
         with torch.autocast(feed.device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = feed.net(x)
             loss = criterion(logits.float(), y)
+        value = loss.item()  # checked before the step: a NaN never reaches the weights
+        _check_finite(value, f"training loss became {{}} at epoch {epoch + 1} step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step_update(epoch * steps_per_epoch + step + 1)
-        losses += loss.item() * len(y)
+        losses += value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         seconds += time.perf_counter() - tick
@@ -243,6 +275,12 @@ def _validate(feed, criterion, classes) -> dict[str, float]:
     return {"loss": losses / len(y_true), **classification_metrics(y_true, y_pred, classes)}
 
 
+def _check_finite(value: float, message: str) -> None:
+    """Raise ``Diverged(message.format(value))`` for a NaN or infinite ``value``."""
+    if not math.isfinite(value):
+        raise Diverged(message.format(value))
+
+
 def _class_weights(data: PreparedDataset, device: torch.device) -> torch.Tensor:
     """Inverse-frequency weights (mean 1) so rare classes count as much in the loss."""
     counts = np.bincount(data.labels("train"), minlength=len(data.manifest.classes))
@@ -255,7 +293,7 @@ def _resume(last_path: Path, model, optimizer, scheduler,
     """Training progress from ``last_path`` when it was written for this very ``identity``;
     a fresh start otherwise (a stale checkpoint is named in the log, never trusted)."""
     fresh = {"epoch": 0, "best": -1.0, "trained_best": -1.0, "best_epoch": 0, "bad_epochs": 0,
-             "history": [], "wall_seconds": 0.0}
+             "history": [], "wall_seconds": 0.0, "diverged": None}
     if not last_path.exists():
         return fresh
     payload = load_checkpoint(last_path)
