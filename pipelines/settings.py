@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -188,6 +189,10 @@ def _check(settings: ClusterSettings, where: str) -> None:
     root = settings.pipeline_root
     if root is not None and not root.startswith(("s3://", "minio://", "gs://")):
         problems.append(f"pipeline_root must be an s3://, minio:// or gs:// URI, got {root!r}")
+    if settings.mlflow_tracking_uri and urlsplit(settings.mlflow_tracking_uri).password:
+        problems.append("mlflow_tracking_uri must not carry a password (user:password@): it "
+                        "would be written into the compiled pipeline in plain text; put "
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the Secret")
     if settings.gpu.count < 0:
         problems.append(f"gpu.count must be >= 0, got {settings.gpu.count}")
     for i, tol in enumerate(settings.gpu.tolerations):

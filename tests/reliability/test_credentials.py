@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.settings import ClusterSettings
+from pipelines.settings import ClusterSettings, SettingsError, settings_from_dict
 from thaw import storage
 from thaw.errors import ThawError
 from thaw.stack import StackInfo
@@ -77,6 +77,16 @@ def test_compiled_pipeline_holds_no_credentials(monkeypatch: pytest.MonkeyPatch)
     assert secret_envs and all(
         {k["envVar"] for k in entry["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
         and entry["secretName"] == ClusterSettings().s3_secret for entry in secret_envs)
+
+
+def test_cluster_settings_refuse_a_password_in_the_mlflow_uri() -> None:
+    """The MLflow URI of the cluster settings is written into the compiled YAML as a plain
+    env value, so a password there is refused, pointing at the Secret."""
+    data = {"mlflow_tracking_uri": f"http://me:{URI_PASSWORD}@mlflow.example:5000"}
+    with pytest.raises(SettingsError, match="mlflow_tracking_uri must not carry a password") as err:
+        settings_from_dict(data)
+    assert URI_PASSWORD not in str(err.value)
+    assert settings_from_dict({"mlflow_tracking_uri": "http://mlflow.example:5000"})
 
 
 def test_committed_pipeline_holds_no_credentials() -> None:
