@@ -19,6 +19,7 @@ import re
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -36,11 +37,14 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from s3transfer.manager import TransferConfig, TransferManager
+from s3transfer.subscribers import BaseSubscriber
 
 from thaw.errors import ThawError
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _TRANSFER_THREADS = 8
+_MAX_PENDING_DOWNLOADS = 256  # queued downloads: bounds memory for millions of objects
 S3_ATTEMPTS_ENV = "AWS_MAX_ATTEMPTS"  # botocore's own variable, read here to report it
 S3_DEFAULT_ATTEMPTS = 12  # jittered backoff capped at 20 s: rides out ~30 s on average
 _S3_CONNECT_TIMEOUT_S = 10
@@ -230,7 +234,7 @@ def safe_join(dest: Path, relative_key: str) -> Path:
 def _download_to(client: Any, bucket: str, key: str, dest: Path) -> None:
     """Download into a hidden temporary name, then rename: a failure leaves no half file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    tmp = _part_name(dest)
     try:
         client.download_file(bucket, key, str(tmp))
         os.replace(tmp, dest)
@@ -256,26 +260,65 @@ def _check_no_file_is_a_folder(relative_keys: Iterable[str]) -> None:
                                 "to be both a file and a folder; rename or delete one of them")
 
 
-def _download_keys(uri: str, keys: list[str], dest: Path) -> Path:
+class _Listed(BaseSubscriber):
+    """Hands s3transfer an object's size and ETag from the listing, so it skips its HEAD
+    request; the GET then carries `If-Match: <ETag>`, so an object rewritten since the
+    listing fails instead of mixing old and new content."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        self.entry = entry
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        future.meta.provide_transfer_size(int(self.entry["Size"]))
+        future.meta.provide_object_etag(self.entry["ETag"])
+
+
+def _download_entries(uri: str, entries: list[dict[str, Any]], dest: Path) -> Path:
+    """Download the listed objects (ListObjectsV2 entries) under `dest`, keeping their paths
+    below the folder `uri`: one GET per object, `_TRANSFER_THREADS` at a time through one
+    transfer manager, each into a hidden temporary name renamed when complete."""
     bucket, prefix = split_s3_uri(uri)
     folder = _folder_prefix(prefix)
     # Check every key before writing anything.
     jobs = [
-        (key, safe_join(dest, key[len(folder) :]))
-        for key in keys
-        if not key.endswith("/")  # folder markers written by some tools
+        (entry, safe_join(dest, entry["Key"][len(folder) :]))
+        for entry in entries
+        if not entry["Key"].endswith("/")  # folder markers written by some tools
     ]
-    _check_no_file_is_a_folder(key[len(folder):] for key, _ in jobs)
+    _check_no_file_is_a_folder(entry["Key"][len(folder):] for entry, _ in jobs)
     dest.mkdir(parents=True, exist_ok=True)
-    client = s3_client()
-    with _s3_errors(uri):
-        _run_parallel(lambda key, path: _download_to(client, bucket, key, path), jobs)
+    config = TransferConfig(max_request_concurrency=_TRANSFER_THREADS)
+    pending: deque[tuple[Any, Path, Path]] = deque()
+    try:
+        with _s3_errors(uri), TransferManager(s3_client(), config) as manager:
+            for entry, path in jobs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _part_name(path)
+                future = manager.download(bucket, entry["Key"], str(tmp),
+                                          subscribers=[_Listed(entry)])
+                pending.append((future, tmp, path))
+                if len(pending) >= _MAX_PENDING_DOWNLOADS:
+                    _finish_download(*pending.popleft())
+            while pending:
+                _finish_download(*pending.popleft())
+    finally:
+        for _, tmp, _ in pending:  # downloaded, or cancelled, but never renamed into place
+            tmp.unlink(missing_ok=True)
     return dest
+
+
+def _part_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+
+
+def _finish_download(future: Any, tmp: Path, path: Path) -> None:
+    future.result()
+    os.replace(tmp, path)
 
 
 def download_prefix(uri: str, dest: Path) -> Path:
     """Download every object under the folder `uri` into `dest`, keeping relative paths."""
-    return _download_keys(uri, list_s3_objects(uri), Path(dest))
+    return _download_entries(uri, _s3_listing(uri), Path(dest))
 
 
 def write_atomic(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> Path:
@@ -387,9 +430,9 @@ def materialize(uri_or_path: str | os.PathLike[str], workdir: Path) -> Path:
     Path(workdir).mkdir(parents=True, exist_ok=True)
     fresh = Path(tempfile.mkdtemp(prefix="s3-", dir=workdir))
     dest = fresh / bucket / prefix.strip("/")
-    keys = [key for key in list_s3_objects(uri) if not key.endswith("/")]
-    if keys:
-        return _download_keys(uri, keys, dest)
+    entries = [entry for entry in _s3_listing(uri) if not entry["Key"].endswith("/")]
+    if entries:
+        return _download_entries(uri, entries, dest)
     with _s3_errors(uri):
         if prefix.strip("/") and _object_exists(bucket, prefix):
             return download_file(uri, dest)

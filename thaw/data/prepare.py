@@ -1,8 +1,13 @@
 """Turn a raw dataset source into a prepared dataset (see `thaw.data.prepared`).
 
-Every image is read, hashed, decoded and resized exactly once, into a staging array inside
-the temporary output directory; the split is decided on the content hashes of the good
-images, and the shards are then cut from the staging array.
+Two passes over the source, both on `num_workers` processes. The first reads and hashes
+every file and checks its header (format, size) without decoding pixels; the split is decided
+on the content hashes of the files that passed. The second decodes and resizes each image of
+the split straight into its shard, in order, so peak disk is the prepared size plus the
+shard being filled. A file whose header is sound but whose pixels are not (truncated) is
+found in the second pass: the split is then decided again without it and the shards are
+rewritten from the ones already written, re-decoding only the few images that changed
+split. The result is the same as deciding on decoded images from the start.
 
 Classes are the class folder names, kept exactly and sorted by code point (Python's `sorted`,
 independent of locale and listing order), so a class's index depends only on the set of
@@ -20,15 +25,16 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import tempfile
 import unicodedata
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,11 +46,22 @@ from thaw.data.prepared import (
     atomic_output_dir,
     write_split,
 )
-from thaw.data.sources import Listing, LoadedRecord, Record, list_source, load_record
+from thaw.data.sources import (
+    Listing,
+    LoadedRecord,
+    Record,
+    apply_all,
+    list_source,
+    load_record,
+    scan_record,
+)
 from thaw.data.split import SPLITS, SplitItem, SplitPlan, split_items, validate_fractions
 from thaw.errors import ThawError
 
 _REPORT_MAX_SKIPPED = 200
+_BATCH = 64  # records per task sent to a worker process
+_BATCHES_PER_WORKER = 4  # tasks in flight per worker: enough to keep it busy
+_T = TypeVar("_T")
 
 
 def prepare_dataset(
@@ -83,46 +100,48 @@ def prepare_dataset(
         _check_listing(str(source), listing)
         records = listing.records
         out = stack.enter_context(atomic_output_dir(Path(output_dir)))
+        workers = stack.enter_context(_Workers(num_workers))
 
-        staging_path = out / ".staging.npy"
-        staging = np.lib.format.open_memmap(
-            staging_path, mode="w+", dtype=np.uint8, shape=(len(records), size, size, 3)
-        )
-        work = partial(
+        scan = partial(scan_record, max_pixels=max_pixels, min_side=min_side)
+        hashes, bad = [], {}
+        for i, scanned in enumerate(workers.map(scan, records)):
+            hashes.append(scanned.sha256)
+            if scanned.reason is not None:
+                bad[i] = scanned.reason
+        decode = partial(
             load_record,
             size=size,
             interpolation=interpolation,
             max_pixels=max_pixels,
             min_side=min_side,
         )
-        hashes, bad = [], {}
-        for i, loaded in enumerate(_map(work, records, num_workers)):
-            hashes.append(loaded.sha256)
-            if loaded.image is None:
-                bad[i] = loaded.reason or "unreadable"
-            else:
-                staging[i] = loaded.image
-        _check_bad(str(source), records, bad, max_bad_fraction)
-
-        good = [i for i in range(len(records)) if i not in bad]
-        items = [
-            SplitItem(records[i].path, records[i].class_name, records[i].split, hashes[i])
-            for i in good
-        ]
-        plan = split_items(items, fractions, seed)
+        writer = _ShardWriter(out, records, hashes, decode, workers, size, shard_size)
         classes = sorted({r.class_name for r in records})
         class_to_idx = {name: idx for idx, name in enumerate(classes)}
-        counts, shards = {}, {}
+        while True:
+            _check_bad(str(source), records, bad, max_bad_fraction)
+            good = [i for i in range(len(records)) if i not in bad]
+            items = [
+                SplitItem(records[i].path, records[i].class_name, records[i].split, hashes[i])
+                for i in good
+            ]
+            plan = split_items(items, fractions, seed)
+            order = {split: [good[i] for i in plan.splits[split]] for split in SPLITS}
+            labels = {
+                split: np.array([class_to_idx[records[j].class_name] for j in order[split]],
+                                dtype=np.int64)
+                for split in SPLITS
+            }
+            shards, late = writer.write(order, labels)
+            if not late:
+                break
+            # Files whose header was sound but whose pixels were not: the split is decided
+            # again without them, and the shards rewritten from the ones just written.
+            bad = dict(sorted({**bad, **late}.items()))
+        counts = {}
         for split in SPLITS:
-            indices = plan.splits[split]
-            names = [items[i].class_name for i in indices]
-            labels = np.array([class_to_idx[n] for n in names], dtype=np.int64)
-            order = np.array([good[i] for i in indices], dtype=np.int64)
-            shards[split] = write_split(out, split, staging, order, labels, shard_size)
-            per_class = Counter(names)
+            per_class = Counter(records[j].class_name for j in order[split])
             counts[split] = {name: per_class[name] for name in classes}
-        del staging
-        staging_path.unlink()
 
         skipped = [{"path": records[i].path, "reason": reason} for i, reason in bad.items()]
         skipped = sorted(skipped + plan.skipped, key=lambda s: s["path"])
@@ -244,14 +263,130 @@ def _check_bad(source: str, records: list[Record], bad: dict[int, str], limit: f
     )
 
 
-def _map(work: Any, records: list[Record], num_workers: int) -> Iterable[LoadedRecord]:
-    if num_workers <= 1:
-        yield from map(work, records)
-        return
-    # spawn, not fork: the parent may hold threads (MLflow, boto3) whose locks fork would copy.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-        yield from pool.map(work, records, chunksize=64)
+class _Workers:
+    """Maps a function over records in order: in-process for `count` <= 1, else in `count`
+    processes with a bounded number of batches in flight, so memory stays flat however many
+    records there are."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.pool: ProcessPoolExecutor | None = None
+        if count > 1:
+            # spawn, not fork: the parent may hold threads (MLflow, boto3) whose locks fork
+            # would copy.
+            context = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(count, mp_context=context)
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def map(self, work: Callable[[Record], _T], records: Sequence[Record]) -> Iterator[_T]:
+        if self.pool is None:
+            yield from map(work, records)
+            return
+        pending: deque[Future[list[_T]]] = deque()
+        for start in range(0, len(records), _BATCH):
+            batch = list(records[start : start + _BATCH])
+            pending.append(self.pool.submit(apply_all, work, batch))
+            if len(pending) >= _BATCHES_PER_WORKER * self.count:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+class _ShardWriter:
+    """Writes the shards of a split plan, decoding every image straight into its shard.
+
+    `write` records where each image went; called again with a plan that leaves out files
+    which failed to decode, it copies the images from the shards it wrote before (renamed
+    into a hidden folder and deleted shard by shard as they are used), decoding again only
+    the few images that changed split. Disk use stays about one prepared set plus two
+    shards, and no image is decoded twice except those.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        records: list[Record],
+        hashes: list[str],
+        decode: Callable[[Record], LoadedRecord],
+        workers: _Workers,
+        size: int,
+        shard_size: int,
+    ) -> None:
+        self.out, self.records, self.hashes = out, records, hashes
+        self.decode, self.workers, self.shard_size = decode, workers, shard_size
+        self.blank = np.zeros((size, size, 3), dtype=np.uint8)
+        self.order: dict[str, list[int]] = {}  # split -> records in the shards on disk
+        self.shards: dict[str, list[str]] = {}
+        self.late: dict[int, str] = {}
+
+    def write(
+        self, order: dict[str, list[int]], labels: dict[str, np.ndarray]
+    ) -> tuple[dict[str, list[str]], dict[int, str]]:
+        """Write `order[split]` (record indices) with `labels`; returns the shard names per
+        split and the records that failed to decode (index -> reason)."""
+        self.late = {}
+        previous = self.out / ".previous"
+        if self.shards:
+            previous.mkdir()
+            for path in self.out.glob("*.npy"):
+                path.rename(previous / path.name)
+            placed = {j: (s, row) for s in SPLITS for row, j in enumerate(self.order[s])}
+            streams = {s: self._reused(previous, s, order[s], placed) for s in SPLITS}
+        else:
+            decoded = self._decoded([j for split in SPLITS for j in order[split]])
+            streams = dict.fromkeys(SPLITS, decoded)
+        self.shards = {
+            split: write_split(self.out, split, streams[split], labels[split], self.shard_size)
+            for split in SPLITS
+        }
+        shutil.rmtree(previous, ignore_errors=True)
+        self.order = order
+        return self.shards, self.late
+
+    def _pixels(self, index: int, loaded: LoadedRecord) -> np.ndarray:
+        """The image of `loaded`; a blank for a file that failed to decode (noted in
+        `self.late`: the shards are written again without it)."""
+        if loaded.sha256 != self.hashes[index]:
+            raise ThawError(
+                f"{self.records[index].path} changed while the dataset was being prepared; "
+                "prepare it again once the source is no longer being written"
+            )
+        if loaded.image is None:
+            self.late[index] = loaded.reason or "unreadable"
+            return self.blank
+        return loaded.image
+
+    def _decoded(self, indices: list[int]) -> Iterator[np.ndarray]:
+        """Decoded images of `indices`, in order."""
+        loaded = self.workers.map(self.decode, [self.records[j] for j in indices])
+        for j, result in zip(indices, loaded, strict=True):
+            yield self._pixels(j, result)
+
+    def _reused(
+        self, previous: Path, split: str, indices: list[int], placed: dict[int, tuple[str, int]]
+    ) -> Iterator[np.ndarray]:
+        """Images of `indices` copied from the previous shards of `split` (read in order and
+        deleted once passed; `placed`: record -> (split, row) there); images that were in
+        another split are decoded again."""
+        names = self.shards[split]
+        current, shard = -1, np.empty(0)
+        for j in indices:
+            where = placed.get(j)
+            if where is None or where[0] != split:
+                yield self._pixels(j, self.decode(self.records[j]))
+                continue
+            number, row = divmod(where[1], self.shard_size)
+            if number != current:
+                for passed in names[max(current, 0) : number]:
+                    (previous / passed).unlink(missing_ok=True)
+                current, shard = number, np.load(previous / names[number], mmap_mode="r")
+            yield np.array(shard[row])
 
 
 def source_fingerprint(records: Sequence[Record], hashes: Sequence[str]) -> str:

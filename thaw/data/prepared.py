@@ -101,20 +101,36 @@ def labels_shard_name(images_name: str) -> str:
 def write_split(
     directory: Path,
     split: str,
-    images: np.ndarray,
-    order: np.ndarray,
+    images: Iterator[np.ndarray],
     labels: np.ndarray,
     shard_size: int,
 ) -> list[str]:
-    """Write `images[order]` with `labels` (aligned with `order`) as shards; returns the image
-    shard names."""
+    """Write the next `len(labels)` images of `images` with `labels` as shards; returns the
+    image shard names.
+
+    Images are appended to their shard file as they arrive (after a `.npy` header written
+    for the shard's final shape), so neither the split nor a whole shard is ever in memory.
+    """
     names = []
-    for number, start in enumerate(range(0, len(order), shard_size)):
+    for number, start in enumerate(range(0, len(labels), shard_size)):
         name = f"images-{split}-{number:05d}.npy"
-        np.save(directory / name, images[order[start : start + shard_size]])
-        np.save(directory / labels_shard_name(name), labels[start : start + shard_size])
+        chunk = labels[start : start + shard_size]
+        first = next(images)
+        header = {"descr": "|u1", "fortran_order": False, "shape": (len(chunk), *first.shape)}
+        with open(directory / name, "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, header)
+            handle.write(_uint8_bytes(first, first.shape))
+            for _ in range(1, len(chunk)):
+                handle.write(_uint8_bytes(next(images), first.shape))
+        np.save(directory / labels_shard_name(name), chunk)
         names.append(name)
     return names
+
+
+def _uint8_bytes(image: np.ndarray, shape: tuple[int, ...]) -> memoryview:
+    if image.shape != shape or image.dtype != np.uint8:
+        raise ValueError(f"image of {image.dtype} {image.shape} in a shard of uint8 {shape}")
+    return memoryview(np.ascontiguousarray(image)).cast("B")
 
 
 @contextmanager

@@ -12,16 +12,22 @@ A class is a folder name, kept exactly (case, spaces, any Unicode letters); hidd
 from __future__ import annotations
 
 import hashlib
+import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+from PIL import Image
 
 from thaw import storage
 from thaw.data import fashion_mnist
 from thaw.data.images import BadImage, check_size, decode_image, resize_to_square
 from thaw.data.split import SPLITS
 from thaw.errors import ThawError
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +63,47 @@ class LoadedRecord:
     reason: str | None  # why the file was skipped
 
 
+@dataclass(frozen=True)
+class ScannedRecord:
+    sha256: str
+    reason: str | None  # why the file is unusable, when its header already tells
+
+
+def scan_record(record: Record, max_pixels: int, min_side: int) -> ScannedRecord:
+    """Hash one record and check its header (format, size) without decoding its pixels.
+
+    This cheap first pass gives the split the content hashes it needs. A file with a sound
+    header can still fail to decode (truncated data): `load_record` finds those later.
+    """
+    data = record.content()
+    digest = hashlib.sha256(data).hexdigest()
+    return ScannedRecord(digest, _header_problem(record, data, max_pixels, min_side))
+
+
+def _header_problem(record: Record, data: bytes, max_pixels: int, min_side: int) -> str | None:
+    """Why `record` is unusable as far as its header tells, or None."""
+    try:
+        if record.pixels is not None:
+            height, width = record.pixels.shape[:2]
+            check_size(width, height, max_pixels=max_pixels, min_side=min_side)
+        elif not _header_fits(data, max_pixels, min_side):
+            # decode_image stops at the same problem before decoding any pixel, and words
+            # it as a full decode would.
+            decode_image(data, max_pixels=max_pixels, min_side=min_side)
+    except BadImage as exc:
+        return exc.reason
+    return None
+
+
+def _header_fits(data: bytes, max_pixels: int, min_side: int) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            check_size(*im.size, max_pixels=max_pixels, min_side=min_side)
+    except Exception:  # BadImage, or any of the many types Pillow raises on a bad header
+        return False
+    return True
+
+
 def load_record(
     record: Record, size: int, interpolation: str, max_pixels: int, min_side: int
 ) -> LoadedRecord:
@@ -76,6 +123,12 @@ def load_record(
     except BadImage as exc:
         return LoadedRecord(digest, None, exc.reason)
     return LoadedRecord(digest, resize_to_square(rgb, size, interpolation), None)
+
+
+def apply_all(work: Callable[[Record], _T], records: list[Record]) -> list[_T]:
+    """`work` over a batch of records: one task of a worker process (defined here, away
+    from torch, so that unpickling it in a fresh worker imports little)."""
+    return [work(record) for record in records]
 
 
 def _visible(path: Path) -> bool:
