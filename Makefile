@@ -16,7 +16,7 @@ IMAGE_ENV = IMAGE='$(IMAGE)' VERSION='$(VERSION)' BASE_IMAGE='$(BASE_IMAGE)' \
 	PREFETCH_BACKBONES='$(PREFETCH_BACKBONES)' CONTAINER_ENGINE='$(CONTAINER_ENGINE)'
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo compile bench bench-quality sample-data stack-up stack-down clean
+.PHONY: help install test test-fast lint format demo compile bench bench-quality bench-throughput sample-data stack-up stack-down clean
 .PHONY: image image-name image-if-engine push base-image
 
 help: ## list the targets
@@ -54,6 +54,10 @@ bench: install ## stage speed and loop efficiency on the sample, JSON out (bench
 
 bench-quality: install ## thaw vs the textbook script: 4 datasets, 2 budgets, 3 seeds (~1 h on 2 cores)
 	$(PY) benchmarks/quality.py $(BENCH_ARGS)
+
+bench-throughput: install ## loop images/s vs the model's own on device tensors, then preprocess images/s, RSS and disk at 10k/100k images; JSON out (BENCH_ARGS for the loop)
+	$(PY) benchmarks/throughput.py $(BENCH_ARGS)
+	$(PY) benchmarks/throughput_preprocess.py
 
 sample-data: install ## regenerate the committed Fashion-MNIST sample (needs dataset-fashion-mnist)
 	$(PY) -m thaw.data.fashion_mnist --out thaw/sample_data/fashion-mnist-sample --per-class 60

@@ -26,6 +26,8 @@ def preprocess(
     batch_size: int,
     selection_metric: str,
     promotion_margin: float,
+    num_workers: int,
+    preprocess_workers: int,
     prepared: Output[Dataset],
     validation_report: Output[Markdown],
 ):
@@ -38,10 +40,12 @@ def preprocess(
                "partial_epochs": partial_epochs, "partial_lr": partial_lr,
                "full_epochs": full_epochs, "full_lr": full_lr, "augment": augment,
                "batch_size": batch_size, "selection_metric": selection_metric,
-               "promotion_margin": promotion_margin}
+               "promotion_margin": promotion_margin, "num_workers": num_workers,
+               "preprocess_workers": preprocess_workers}
     summary = preprocess_step(data_uri, Path(prepared.path), arch=backbone,
                               image_size=image_size, seed=seed,
-                              max_bad_fraction=max_bad_fraction, pipeline_parameters=checked)
+                              max_bad_fraction=max_bad_fraction, pipeline_parameters=checked,
+                              num_workers=preprocess_workers)
     shutil.copyfile(Path(prepared.path) / "validation_report.md", validation_report.path)
     prepared.metadata.update({"source_version": source_version,
                               "classes": summary["classes"],

@@ -20,6 +20,7 @@ def train(
     metrics: Output[Metrics],
     init_model: Input[Model] = None,
     augment: str = "",
+    num_workers: int = 0,
 ):
     from pathlib import Path
 
@@ -28,7 +29,7 @@ def train(
     result = train_step(
         Path(prepared.path), Path(model.path), stage=stage,
         settings={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-                  **({"augment": augment} if augment else {})},
+                  "num_workers": num_workers, **({"augment": augment} if augment else {})},
         arch=backbone, weights=weights,
         init_dir=Path(init_model.path) if init_model is not None else None,
         experiment=mlflow_experiment, pipeline_run_id=pipeline_run_id,

@@ -87,6 +87,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
         batch_size: int = D.batch_size,
         seed: int = D.seed,
         max_bad_fraction: float = D.max_bad_fraction,
+        num_workers: int = D.num_workers,
+        preprocess_workers: int = D.preprocess_workers,
         mlflow_experiment: str = D.mlflow_experiment,
         model_name: str = D.model_name,
         selection_metric: str = D.selection_metric,
@@ -114,6 +116,10 @@ def build_pipeline(settings: ClusterSettings | None = None):
             batch_size: Images per training step.
             seed: Seeds the split, the new head and every random draw.
             max_bad_fraction: Fail preprocessing when more files than this are unusable.
+            num_workers: DataLoader worker processes of each training step (0: read in the
+                training process).
+            preprocess_workers: Processes that decode images in preprocess (the CPUs its
+                pod gets).
             mlflow_experiment: MLflow experiment of the parent and stage runs.
             model_name: Registered model name; the winner may take alias champion.
             selection_metric: macro_f1, accuracy or loss (lower is better): chooses the
@@ -138,7 +144,9 @@ def build_pipeline(settings: ClusterSettings | None = None):
                                 partial_epochs=partial_epochs, partial_lr=partial_lr,
                                 full_epochs=full_epochs, full_lr=full_lr, augment=augment,
                                 batch_size=batch_size, selection_metric=selection_metric,
-                                promotion_margin=promotion_margin)
+                                promotion_margin=promotion_margin,
+                                num_workers=num_workers,
+                                preprocess_workers=preprocess_workers)
             _configure(prep.set_display_name("preprocess: validate, split, resize"),
                        "preprocess", cfg)
 
@@ -152,7 +160,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
                              if previous else {})
                 task = c.train(stage=stage, prepared=prep.outputs["prepared"], backbone=backbone,
                                weights=weights, epochs=epochs, lr=lr, batch_size=batch_size,
-                               seed=seed, mlflow_experiment=mlflow_experiment,
+                               seed=seed, num_workers=num_workers,
+                               mlflow_experiment=mlflow_experiment,
                                pipeline_run_id=run_id, **fine_tune)
                 _configure(task.set_display_name(STAGE_TITLES[stage]), "train", cfg)
                 trained[stage] = previous = task

@@ -38,6 +38,7 @@ STAGE_PARAMETERS: dict[str, list[tuple[str, str]]] = {
     **{f"{stage}_{field}": [(stage, field)] for stage in STAGE_NAMES
        for field in ("epochs", "lr")},
     "batch_size": [(stage, "batch_size") for stage in STAGE_NAMES],
+    "num_workers": [(stage, "num_workers") for stage in STAGE_NAMES],
     # the probe trains on cached features, without augmentation, whatever this says
     "augment": [("partial", "augment"), ("full", "augment")],
 }
@@ -81,6 +82,8 @@ def _pipeline_problems(params: Mapping[str, Any]) -> dict[str, str]:
     fraction = params.get("max_bad_fraction", 0.0)
     if not 0 <= fraction < 1:  # also NaN
         problems["max_bad_fraction"] = f"must be in [0, 1), got {fraction}"
+    if params.get("preprocess_workers", 0) < 0:
+        problems["preprocess_workers"] = f"must be >= 0, got {params['preprocess_workers']}"
     margin = params.get("promotion_margin", 0.0)
     if not (margin >= 0 and math.isfinite(margin)):
         problems["promotion_margin"] = f"must be a number >= 0, got {margin}"

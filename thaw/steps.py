@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 
 def preprocess_step(data_uri: str, out_dir: Path, *, arch: str, image_size: int, seed: int,
                     max_bad_fraction: float,
-                    pipeline_parameters: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Validate, split and resize the source once into a prepared dataset.
+                    pipeline_parameters: dict[str, Any] | None = None,
+                    num_workers: int = 0) -> dict[str, Any]:
+    """Validate, split and resize the source once into a prepared dataset, decoding in
+    ``num_workers`` processes (0 or 1: in this one).
 
     Bad ``pipeline_parameters`` (those of the later steps too) are refused before anything
     is listed or decoded, so a bad run fails here in seconds, not in a later step."""
@@ -54,7 +56,7 @@ def preprocess_step(data_uri: str, out_dir: Path, *, arch: str, image_size: int,
     with tempfile.TemporaryDirectory() as workdir:
         manifest = prepare_dataset(
             data_uri, Path(out_dir), data_config=data_config(arch, image_size), seed=seed,
-            max_bad_fraction=max_bad_fraction, workdir=Path(workdir),
+            max_bad_fraction=max_bad_fraction, workdir=Path(workdir), num_workers=num_workers,
         )
     kept = sum(manifest.split_size(split) for split in manifest.counts)
     log.info(SUMMARY, f"{kept} images kept, {len(manifest.skipped)} skipped, "

@@ -57,6 +57,8 @@ BAD = [
     ({"selection_metric": "f1"},
      "selection_metric must be one of macro_f1, accuracy, loss (loss: lower is better)"),
     ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"num_workers": -1}, "num_workers must be >= 0, got -1"),
+    ({"preprocess_workers": -1}, "preprocess_workers must be >= 0, got -1"),
     ({"augment": "flip"}, "augment must be one of ('none', 'crop', 'crop_flip'), got 'flip'"),
     ({"max_bad_fraction": 1.0}, "max_bad_fraction must be in [0, 1), got 1.0"),
     ({"max_bad_fraction": -0.1}, "max_bad_fraction must be in [0, 1), got -0.1"),
@@ -197,7 +199,8 @@ def test_the_preprocess_component_fails_on_a_bad_parameter_through_kfp(tmp_path,
                 backbone="efficientnet_lite0", image_size=64, seed=0, max_bad_fraction=0.05,
                 weights="packaged", probe_epochs=1, probe_lr=1e-3, partial_epochs=1,
                 partial_lr=1e-3, full_epochs=1, full_lr=1e-3, augment="crop", batch_size=8,
-                selection_metric="macro_f1", promotion_margin=0.0)
+                selection_metric="macro_f1", promotion_margin=0.0, num_workers=0,
+                preprocess_workers=0)
     with pytest.raises(RuntimeError, match="FAILURE"):
         build_components().preprocess(**{**good, "selection_metric": "f1"})
     log = capfd.readouterr()

@@ -1,21 +1,126 @@
-"""What the training loop iterates over: images (augmented, normalised on the device) or,
-for the head-only stage, backbone features computed once."""
+"""What the training loop iterates over: images (augmented and normalised in batches on the
+device) or, for the head-only stage, backbone features computed once."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from thaw.data.prepared import ImageSplit, PreparedDataset
 
+# Batches each DataLoader worker keeps ready (torch's default). With the default 2 workers
+# that is 4 batches in flight: 38 MB at 224 px and batch 64, inside the 64 MB /dev/shm a pod
+# gets without a memory-backed mount.
+PREFETCH_BATCHES = 2
+
+
+class BatchAugment:
+    """Random resized crops (and, with ``flip``, horizontal flips) of a whole batch in one
+    ``grid_sample`` on the batch's device, each image with its own crop and flip.
+
+    The crops follow torchvision's ``RandomResizedCrop(scale, ratio)``, which thaw applied
+    per image on the CPU before: the area a uniform share of ``scale``, the log aspect ratio
+    uniform in ``ratio``, up to 10 tries for a crop that fits, else torchvision's fallback:
+    the largest central crop within ``ratio`` (the whole image when its own aspect ratio is
+    within ``ratio``, as thaw's square images are). Each crop is resized to ``size`` (H, W);
+    thaw passes the stored size, and a crop is never larger than the image, so resizing only
+    ever enlarges: bilinear sampling needs no antialiasing.
+
+    Random draws come from torch's global generator on the batch's device, which the loop
+    reseeds every epoch, so a seed repeats them. Returns the input's dtype (uint8 rounded).
+    """
+
+    TRIES = 10
+
+    def __init__(self, size: list[int], *, flip: bool, scale: tuple[float, float] = (0.6, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.size = list(size)
+        self.flip = flip
+        self.scale = scale
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.ratio = ratio
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        batch = images if images.ndim == 4 else images[None]
+        x = batch if batch.is_floating_point() else batch.float()
+        grid = F.affine_grid(self.crops(len(x), x.shape[-2:], x.device),
+                             [len(x), x.shape[1], *self.size], align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border",
+                            align_corners=False)
+        if not batch.is_floating_point():
+            out = out.round_().clamp_(0, 255).to(batch.dtype)
+        return out if images.ndim == 4 else out[0]
+
+    def crops(self, n: int, size: torch.Size, device: torch.device) -> torch.Tensor:
+        """(n, 2, 3) affine maps from output to input coordinates, one crop (and flip) each."""
+        height, width = size
+        area = torch.empty(n, self.TRIES, device=device).uniform_(*self.scale) * height * width
+        aspect = torch.exp(torch.empty(n, self.TRIES, device=device).uniform_(*self.log_ratio))
+        w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+        fits = (w <= width) & (h <= height)
+        first = fits.int().argmax(1, keepdim=True)  # the first try that fits
+        found = fits.any(1)
+        fallback_w, fallback_h = self._fallback(height, width)
+        w = torch.where(found, w.gather(1, first)[:, 0], fallback_w)
+        h = torch.where(found, h.gather(1, first)[:, 0], fallback_h)
+        # a random place for a crop that fitted, the centre for the fallback
+        place = torch.where(found[:, None], torch.rand(n, 2, device=device), 0.5)
+        left, top = place[:, 0] * (width - w), place[:, 1] * (height - h)
+        sign = torch.ones(n, device=device)
+        if self.flip:
+            sign = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3, device=device)
+        theta[:, 0, 0] = sign * w / width
+        theta[:, 0, 2] = (left + w / 2) / width * 2 - 1
+        theta[:, 1, 1] = h / height
+        theta[:, 1, 2] = (top + h / 2) / height * 2 - 1
+        return theta
+
+    def _fallback(self, height: int, width: int) -> tuple[float, float]:
+        """torchvision's crop when no try fits: the largest central crop within ``ratio``."""
+        low, high = self.ratio
+        if width / height < low:
+            return float(width), width / low
+        if width / height > high:
+            return height * high, float(height)
+        return float(width), float(height)
+
+
+def augmentation(policy: str, size: list[int]) -> BatchAugment | None:
+    """The batched transform of an augmentation policy (see ``StageConfig.augment``) to
+    images of ``size`` (H, W)."""
+    if policy == "none":
+        return None
+    return BatchAugment(size, flip=policy == "crop_flip")
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation fixed by (seed, epoch), like ``DistributedSampler.set_epoch``: the
+    order does not depend on how many epochs this sampler served before, so a resumed run
+    and persistent DataLoader workers see the same batches as an uninterrupted run."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
 
 class ImageFeed:
-    """Batches of uint8 images; augmentation per sample on tensors (DataLoader workers),
-    normalisation on the device where it is cheapest."""
+    """Batches of uint8 images read by DataLoader workers (pinned memory on CUDA,
+    persistent workers, prefetch), then augmented and normalised as whole batches on the
+    device, where it is cheapest: the CPU only reads and collates."""
 
     def __init__(self, model: nn.Module, data: PreparedDataset, device: torch.device, *,
                  batch_size: int, augment: str = "none", seed: int = 0,
@@ -31,34 +136,41 @@ class ImageFeed:
         self.mean = torch.tensor(manifest.mean, device=device).view(shape) * 255
         self.std = torch.tensor(manifest.std, device=device).view(shape) * 255
         self.augment = augmentation(augment, manifest.input_size[1:])
+        self._loaders: dict[tuple[str, bool], DataLoader] = {}
 
     def batches(self, split: str, *, train: bool, epoch: int = 0) -> Iterator:
-        dataset = ImageSplit(self.data, split, transform=self.augment if train else None)
-        loader = DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            generator=_epoch_generator(self.seed, epoch),
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        """(normalised float images, labels) on the device; ``train`` shuffles by (seed,
+        epoch) and augments."""
+        loader = self._loader(split, train)
+        if train:
+            loader.sampler.epoch = epoch
         for images, labels in loader:
-            yield self.to_input(images), labels.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True).float()
+            if train and self.augment is not None:
+                images = self.augment(images)
+            yield self.normalise(images), labels.to(self.device, non_blocking=True)
 
-    def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True).float()
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
         images = (images - self.mean) / self.std
         return images.contiguous(memory_format=torch.channels_last)
 
-
-def augmentation(policy: str, size: list[int]) -> v2.Compose | None:
-    """The per-sample transform of an augmentation policy (see ``StageConfig.augment``)."""
-    if policy == "none":
-        return None
-    steps = [v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True)]
-    if policy == "crop_flip":
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps)
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        """One DataLoader per (split, train), kept so its workers live across epochs."""
+        key = (split, train)
+        if key not in self._loaders:
+            dataset = ImageSplit(self.data, split)
+            workers = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES
+                       } if self.num_workers else {}
+            self._loaders[key] = DataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                sampler=EpochShuffle(len(dataset), self.seed) if train else None,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+                generator=_private_generator(self.seed),
+                **workers,
+            )
+        return self._loaders[key]
 
 
 class FeatureFeed:
@@ -90,10 +202,15 @@ class FeatureFeed:
         return TensorDataset(torch.cat(feats), torch.cat(labels))
 
     def batches(self, split: str, *, train: bool, epoch: int = 0) -> Iterator:
-        yield from DataLoader(self.features[split], batch_size=self.batch_size, shuffle=train,
-                              generator=_epoch_generator(self.seed, epoch))
+        sampler = EpochShuffle(len(self.features[split]), self.seed) if train else None
+        if sampler is not None:
+            sampler.epoch = epoch
+        yield from DataLoader(self.features[split], batch_size=self.batch_size, sampler=sampler,
+                              generator=_private_generator(self.seed))
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Shuffling order fixed by (seed, epoch), so a resumed run sees the same batches."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+def _private_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator: every new iterator draws a seed for its workers, from
+    the global RNG without one, and a persistent iterator does not: that draw would shift the
+    augmentations that follow and make a resumed run differ from an uninterrupted one."""
+    return torch.Generator().manual_seed(seed)

@@ -30,6 +30,12 @@ from thaw.training.probe import fit_logistic, regularisation_path
 log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "macro_f1"
+# Steps between host checks for a non-finite loss: the loop otherwise never waits for the
+# device, so a diverged epoch is noticed within this many steps (or at its end).
+DIVERGENCE_CHECK_STEPS = 200
+# Settings that change how fast a stage runs, never what it computes: a checkpoint written
+# with other values of them is still resumed.
+RUNTIME_SETTINGS = ("num_workers", "compile")
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
@@ -81,8 +87,8 @@ def train_stage(
     """Train the parameters ``cfg.trainable`` selects, keep the best checkpoint by validation
     macro-F1, stop early after ``cfg.patience`` epochs without improvement on the best
     trained epoch. The starting point is scored first, as epoch 0, and stays the best when
-    no epoch beats it. A NaN or infinite loss (training or validation) stops the stage at
-    once: the epoch is not kept, ``best.pt`` stays the best healthy epoch and
+    no epoch beats it. A NaN or infinite loss (training or validation) stops the stage
+    within its epoch: the epoch is not kept, ``best.pt`` stays the best healthy epoch and
     ``StageResult.diverged`` says where it happened. A starting point whose validation loss is
     already not finite is refused with a ``ThawError``.
 
@@ -97,6 +103,13 @@ def train_stage(
     from: the previous stage's checkpoint digest, or the backbone and its weights).
     Each epoch reseeds the global RNG from (seed, epoch), so a resumed run draws the same
     augmentations and dropout masks as an uninterrupted one.
+
+    Training steps never wait for the device: the loss sum and the correct count stay on it
+    and are read once per epoch, and a non-finite loss is caught there too (and every
+    ``DIVERGENCE_CHECK_STEPS`` steps); from that step on the optimizer skips its updates on
+    the device, so a NaN never reaches the weights. ``train_seconds`` includes fetching the
+    batches, so images/s shows a device waiting for data. ``cfg.compile`` runs the trained
+    network through ``torch.compile``.
     """
     device = device or default_device()
     out_dir = Path(out_dir)
@@ -118,6 +131,8 @@ def train_stage(
         feed = FeatureFeed(model, data, device, **feed_options)
     else:
         feed = ImageFeed(model, data, device, augment=cfg.augment, **feed_options)
+    if cfg.compile:
+        feed.net = torch.compile(feed.net)
     steps_per_epoch = -(-len(data.labels("train")) // cfg.batch_size)
     optimizer = build_optimizer(model, groups, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
@@ -125,7 +140,9 @@ def train_stage(
         weight=_class_weights(data, device) if cfg.class_weighting else None,
         label_smoothing=cfg.label_smoothing,
     )
-    identity = {"stage_config": cfg.to_dict(), "data": data.manifest.digest(),
+    identity = {"stage_config": {k: v for k, v in cfg.to_dict().items()
+                                 if k not in RUNTIME_SETTINGS},
+                "data": data.manifest.digest(),
                 "start_point": start_point}
     meta = {"classes": data.manifest.classes, "data_config": data.manifest.data_config(),
             "stage": cfg.name, "stage_config": cfg.to_dict(), "resume_identity": identity}
@@ -234,45 +251,80 @@ def _keep(state: dict[str, Any], record: dict[str, Any], val: dict[str, float],
         state["bad_epochs"] += 1
 
 
+class DivergenceGuard:
+    """Watches the training loss on the device: the first non-finite loss (its value and
+    step) is kept there, and from that step on the fused optimizer's ``found_inf`` skips
+    every update, the way ``torch.amp.GradScaler`` skips steps with infinite gradients.
+    ``check`` reads it on the host (one sync) and raises ``Diverged``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.optimizer = optimizer
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 1-based step
+        self.value = torch.zeros((), device=device)
+        optimizer.found_inf = torch.zeros((), device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        """Record ``loss`` of ``step`` (1-based); call before ``optimizer.step()``."""
+        new = ~torch.isfinite(loss) & (self.first_bad == 0)
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.value = torch.where(new, loss, self.value)
+        self.optimizer.found_inf = (self.first_bad > 0).float()
+
+    def check(self, epoch: int) -> None:
+        step, value = torch.stack([self.first_bad.double(), self.value.double()]).tolist()
+        if step:
+            raise Diverged(f"training loss became {value} at epoch {epoch + 1} "
+                           f"step {int(step)}")
+
+
 def _train_epoch(model, feed, optimizer, scheduler, criterion, epoch, steps_per_epoch,
                  update_bn_stats):
+    """One epoch; the timer runs from asking for the first batch to reading the metrics."""
     set_train_mode(model, update_bn_stats)
-    losses, correct, seen, seconds = 0.0, 0, 0, 0.0
-    autocast = feed.device.type == "cuda"
-    for step, (x, y) in enumerate(feed.batches("train", train=True, epoch=epoch)):
-        tick = time.perf_counter()
-        with torch.autocast(feed.device.type, dtype=torch.bfloat16, enabled=autocast):
+    device = feed.device
+    guard = DivergenceGuard(optimizer, device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    tick = time.perf_counter()
+    for step, (x, y) in enumerate(feed.batches("train", train=True, epoch=epoch), start=1):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = feed.net(x)
             loss = criterion(logits.float(), y)
-        value = loss.item()  # checked before the step: a NaN never reaches the weights
-        _check_finite(value, f"training loss became {{}} at epoch {epoch + 1} step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        guard.observe(loss.detach(), step)
         optimizer.step()
-        scheduler.step_update(epoch * steps_per_epoch + step + 1)
-        losses += value * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        scheduler.step_update(epoch * steps_per_epoch + step)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
-        seconds += time.perf_counter() - tick
-    return {"train_loss": losses / seen, "train_accuracy": correct / seen,
-            "train_images": seen, "train_seconds": seconds}
+        if step % DIVERGENCE_CHECK_STEPS == 0:
+            guard.check(epoch)
+    guard.check(epoch)
+    total_loss, total_correct = torch.stack([loss_sum, correct.double()]).tolist()
+    return {"train_loss": total_loss / seen, "train_accuracy": total_correct / seen,
+            "train_images": seen, "train_seconds": time.perf_counter() - tick}
 
 
 @torch.no_grad()
 def _validate(feed, criterion, classes) -> dict[str, float]:
+    """Loss and metrics on validation; predictions stay on the device until the end."""
     was_training = feed.net.training
     feed.net.eval()
-    losses, preds, labels = 0.0, [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=feed.device)
+    preds, labels = [], []
     for x, y in feed.batches("val", train=False):
         with torch.autocast(feed.device.type, dtype=torch.bfloat16,
                             enabled=feed.device.type == "cuda"):
             logits = feed.net(x).float()
-        losses += criterion(logits, y).item() * len(y)
-        preds.append(logits.argmax(1).cpu().numpy())
-        labels.append(y.cpu().numpy())
+        loss_sum += criterion(logits, y) * len(y)
+        preds.append(logits.argmax(1))
+        labels.append(y)
     feed.net.train(was_training)
-    y_true, y_pred = np.concatenate(labels), np.concatenate(preds)
-    return {"loss": losses / len(y_true), **classification_metrics(y_true, y_pred, classes)}
+    y_true, y_pred = torch.cat(labels).cpu().numpy(), torch.cat(preds).cpu().numpy()
+    return {"loss": loss_sum.item() / len(y_true),
+            **classification_metrics(y_true, y_pred, classes)}
 
 
 def _check_finite(value: float, message: str) -> None:
