@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -41,10 +40,7 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any], **state:
     and any extra training ``state`` (optimizer, scheduler, ...) for resuming."""
     payload = {"format": FORMAT, "arch": model_arch(model), "meta": meta,
                "model": model.state_dict(), **state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    storage.write_atomic(path, lambda handle: torch.save(payload, handle), binary=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -140,6 +136,6 @@ class CheckpointMirror:
 
 def _copy_atomically(src: Path, dest: Path) -> None:
     """Copy in chunks under a temporary name, then rename: never a half checkpoint."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    with open(src, "rb") as source:
+        storage.write_atomic(dest, lambda handle: shutil.copyfileobj(source, handle),
+                             binary=True)
