@@ -308,6 +308,7 @@ def _download_entries(uri: str, entries: list[dict[str, Any]], dest: Path) -> Pa
 
 
 def _part_name(path: Path) -> Path:
+    """A hidden, unique name beside ``path`` for writing it before the rename."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
 
 
@@ -327,7 +328,7 @@ def write_atomic(path: Path, write: Callable[[Any], None], *, binary: bool = Fal
     (new or old) or absent, never half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")  # mode from the umask
+    tmp = _part_name(path)  # mode from the umask
     try:
         with open(tmp, "xb" if binary else "x", encoding=None if binary else "utf-8") as handle:
             write(handle)
