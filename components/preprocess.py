@@ -30,6 +30,8 @@ def preprocess(
     preprocess_workers: int,
     prepared: Output[Dataset],
     validation_report: Output[Markdown],
+    image_format: str = "raw",
+    shard_uri: str = "",
 ):
     import shutil
     from pathlib import Path
@@ -45,7 +47,8 @@ def preprocess(
     summary = preprocess_step(data_uri, Path(prepared.path), arch=backbone,
                               image_size=image_size, seed=seed,
                               max_bad_fraction=max_bad_fraction, pipeline_parameters=checked,
-                              num_workers=preprocess_workers)
+                              num_workers=preprocess_workers, image_format=image_format,
+                              shard_uri=shard_uri)
     shutil.copyfile(Path(prepared.path) / "validation_report.md", validation_report.path)
     prepared.metadata.update({"source_version": source_version,
                               "classes": summary["classes"],

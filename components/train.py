@@ -1,6 +1,9 @@
 """train: one stage of the recipe (probe, partial or full); the stage name picks its defaults.
 
-``augment`` empty keeps the stage's own (the probe trains on cached features: none)."""
+``augment`` empty keeps the stage's own (the probe trains on cached features: none).
+``gpus_per_node`` > 1: data-parallel in this pod, one torchrun process per GPU. ``trainjob``
+given (``num_nodes`` > 1 at compile time): this step only launches a Kubeflow Trainer TrainJob
+that trains the stage on several nodes, follows it and hands its model on."""
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
@@ -21,19 +24,28 @@ def train(
     init_model: Input[Model] = None,
     augment: str = "",
     num_workers: int = 0,
+    gpus_per_node: int = 1,
+    trainjob: dict = None,
 ):
     from pathlib import Path
 
-    from thaw.steps import train_step
+    step = {"stage": stage, "arch": backbone, "weights": weights,
+            "experiment": mlflow_experiment, "pipeline_run_id": pipeline_run_id,
+            "settings": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                         "num_workers": num_workers,
+                         **({"augment": augment} if augment else {})}}
+    if trainjob:
+        from thaw.stage_job import train_on_trainjob
 
-    result = train_step(
-        Path(prepared.path), Path(model.path), stage=stage,
-        settings={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-                  "num_workers": num_workers, **({"augment": augment} if augment else {})},
-        arch=backbone, weights=weights,
-        init_dir=Path(init_model.path) if init_model is not None else None,
-        experiment=mlflow_experiment, pipeline_run_id=pipeline_run_id,
-    )
+        result = train_on_trainjob(
+            prepared_uri=prepared.uri, out_dir=Path(model.path), job=trainjob,
+            init_uri=init_model.uri if init_model is not None else None, **step)
+    else:
+        from thaw.steps import train_step
+
+        result = train_step(
+            Path(prepared.path), Path(model.path), processes=gpus_per_node,
+            init_dir=Path(init_model.path) if init_model is not None else None, **step)
     for name, value in result["best_val"].items():
         metrics.log_metric(f"val_{name}", value)
     metrics.log_metric("best_epoch", result["best_epoch"])

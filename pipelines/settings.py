@@ -23,7 +23,8 @@ import yaml
 
 from components import DEFAULT_IMAGE
 
-STEP_KINDS = ("source_version", "preprocess", "train", "evaluate", "register", "finalize")
+STEP_KINDS = ("source_version", "preprocess", "train", "launcher", "evaluate", "register",
+              "finalize")
 GPU_STEPS = ("train", "evaluate", "register")  # register scores stages and champion
 TOLERATION_OPERATORS = ("Equal", "Exists")
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
@@ -73,12 +74,38 @@ class Gpu:
     tolerations: list[Toleration] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Training:
+    """How the partial and full stages spread over GPUs (the probe fits a head on cached
+    features: it always trains on one).
+
+    ``gpus_per_node`` > 1: each of those steps requests that many GPUs and runs one torchrun
+    process per GPU in its pod. ``num_nodes`` > 1: each becomes a launcher (step kind
+    ``launcher``: no GPU) that runs the stage as a Kubeflow Trainer TrainJob of ``num_nodes``
+    nodes x ``gpus_per_node`` GPUs on runtime ``trainer_runtime``, which must start within
+    ``start_timeout_s`` and finish within ``timeout_s``; its nodes get the ``train`` step's
+    CPU and memory and the GPU node selector and tolerations."""
+
+    gpus_per_node: int = 1
+    num_nodes: int = 1
+    trainer_runtime: str = "torch-distributed"
+    start_timeout_s: int = 1800
+    timeout_s: int = 48 * 3600
+
+    @property
+    def launches_trainjobs(self) -> bool:
+        return self.num_nodes > 1
+
+
 def _default_steps() -> dict[str, Step]:
     return {
         "source_version": Step(cpu="1", memory="1G"),
         "preprocess": Step(cpu="4", memory="16G", cache=True),
         "train": Step(cpu="8", memory="32G",
                       retry=Retry(num_retries=2, backoff_duration="60s")),
+        # follows a TrainJob; a retry starts a new one, which resumes from the checkpoints
+        "launcher": Step(cpu="1", memory="2G",
+                         retry=Retry(num_retries=2, backoff_duration="60s")),
         "evaluate": Step(cpu="4", memory="16G",
                          retry=Retry(num_retries=2, backoff_duration="30s")),
         "register": Step(cpu="4", memory="16G"),
@@ -94,6 +121,7 @@ class ClusterSettings:
     config_map: str = "thaw-config"
     mlflow_tracking_uri: str | None = None
     gpu: Gpu = field(default_factory=Gpu)
+    training: Training = field(default_factory=Training)
     steps: dict[str, Step] = field(default_factory=_default_steps)
 
     def step(self, kind: str) -> Step:
@@ -195,6 +223,14 @@ def _check(settings: ClusterSettings, where: str) -> None:
                         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the Secret")
     if settings.gpu.count < 0:
         problems.append(f"gpu.count must be >= 0, got {settings.gpu.count}")
+    training = settings.training
+    for name in ("gpus_per_node", "num_nodes", "start_timeout_s", "timeout_s"):
+        if getattr(training, name) < 1:
+            problems.append(f"training.{name} must be >= 1, got {getattr(training, name)}")
+    if training.start_timeout_s > training.timeout_s:
+        problems.append("training.start_timeout_s must not exceed training.timeout_s")
+    if training.gpus_per_node > 1 and not settings.gpu.count:
+        problems.append("training.gpus_per_node > 1 needs GPU steps (gpu.count >= 1)")
     for i, tol in enumerate(settings.gpu.tolerations):
         if tol.operator not in TOLERATION_OPERATORS:
             problems.append(f"gpu.tolerations[{i}].operator must be one of "

@@ -8,7 +8,7 @@ from kfp import compiler, dsl, kubernetes
 
 from components import build_components
 from pipelines.settings import GPU_STEPS, ClusterSettings
-from thaw.config import DEFAULT_STAGES
+from thaw.config import DEFAULT_STAGES, DISTRIBUTED_ENV
 from thaw.config import PIPELINE_DEFAULTS as D
 
 PIPELINE_NAME = "thaw-staged-transfer"
@@ -22,17 +22,18 @@ S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                   "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
                "THAW_CHECKPOINT_URI")
+DATA_PARALLEL_STAGES = ("partial", "full")
 
 
-def _configure(task: dsl.PipelineTask, kind: str, cfg: ClusterSettings) -> dsl.PipelineTask:
+def _configure(task: dsl.PipelineTask, kind: str, cfg: ClusterSettings,
+               gpus: int | None = None) -> dsl.PipelineTask:
     """Environment (from the Secret and ConfigMap, by name), resources, retries, caching
-    and, for GPU steps only, the GPU request, node selector and tolerations."""
+    and, for GPU steps only, the GPU request (``gpus``, default ``gpu.count``), node selector
+    and tolerations."""
     kubernetes.use_secret_as_env(task, secret_name=cfg.s3_secret,
                                  secret_key_to_env=S3_SECRET_KEYS)
-    keys = [k for k in CONFIG_KEYS
-            if not (k == "MLFLOW_TRACKING_URI" and cfg.mlflow_tracking_uri)]
     kubernetes.use_config_map_as_env(task, config_map_name=cfg.config_map,
-                                     config_map_key_to_env={k: k for k in keys})
+                                     config_map_key_to_env={k: k for k in _config_keys(cfg)})
     if cfg.mlflow_tracking_uri:
         task.set_env_variable("MLFLOW_TRACKING_URI", cfg.mlflow_tracking_uri)
     step = cfg.step(kind)
@@ -50,7 +51,7 @@ def _configure(task: dsl.PipelineTask, kind: str, cfg: ClusterSettings) -> dsl.P
                        backoff_max_duration=step.retry.backoff_max_duration)
     task.set_caching_options(step.cache)
     if kind in GPU_STEPS and cfg.gpu.count:
-        task.set_accelerator_type(cfg.gpu.resource).set_accelerator_limit(cfg.gpu.count)
+        task.set_accelerator_type(cfg.gpu.resource).set_accelerator_limit(gpus or cfg.gpu.count)
         for label, value in cfg.gpu.node_selector.items():
             kubernetes.add_node_selector(task, label_key=label, label_value=value)
         for tol in cfg.gpu.tolerations:
@@ -59,7 +60,51 @@ def _configure(task: dsl.PipelineTask, kind: str, cfg: ClusterSettings) -> dsl.P
         # DataLoader workers share batches through /dev/shm, 64 MB by default in a pod.
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
                                    medium="Memory")
+    if gpus and gpus > 1:
+        for name, value in DISTRIBUTED_ENV.items():
+            task.set_env_variable(name, value)
     return task
+
+
+def _config_keys(cfg: ClusterSettings) -> list[str]:
+    """The ConfigMap keys a step reads (MLflow's URI is a literal when the settings give it)."""
+    return [k for k in CONFIG_KEYS if not (k == "MLFLOW_TRACKING_URI" and cfg.mlflow_tracking_uri)]
+
+
+def trainjob_spec(cfg: ClusterSettings) -> dict:
+    """What a launcher step passes to ``thaw.stage_job.train_on_trainjob``: the TrainJob's
+    nodes get the pipeline's image, the train step's CPU and memory, the GPU scheduling, and
+    the same Secret and ConfigMap environment as every step (by reference, never values)."""
+    env = [{"name": env, "valueFrom": {"secretKeyRef": {"name": cfg.s3_secret, "key": key}}}
+           for env, key in S3_SECRET_KEYS.items()]
+    env += [{"name": key, "valueFrom": {"configMapKeyRef": {"name": cfg.config_map, "key": key}}}
+            for key in _config_keys(cfg)]
+    if cfg.mlflow_tracking_uri:
+        env.append({"name": "MLFLOW_TRACKING_URI", "value": cfg.mlflow_tracking_uri})
+    train, training = cfg.step("train"), cfg.training
+    return {
+        "image": cfg.image, "num_nodes": training.num_nodes,
+        "gpus_per_node": training.gpus_per_node if cfg.gpu.count else 0,
+        "gpu_resource": cfg.gpu.resource, "cpu": train.cpu, "memory": train.memory,
+        "env": env, "node_selector": dict(cfg.gpu.node_selector),
+        "tolerations": [{k: v for k, v in vars(tol).items() if v is not None}
+                        for tol in cfg.gpu.tolerations],
+        "runtime": training.trainer_runtime,
+        "start_timeout_s": training.start_timeout_s, "timeout_s": training.timeout_s,
+    }
+
+
+def _spread(stage: str, cfg: ClusterSettings) -> tuple[str, dict, int | None]:
+    """(step kind, extra train arguments, GPUs per pod) of a training stage: the partial and
+    full stages go data-parallel as ``cfg.training`` says; the probe never does."""
+    training = cfg.training
+    if stage not in DATA_PARALLEL_STAGES:
+        return "train", {}, None
+    if training.launches_trainjobs:
+        return "launcher", {"trainjob": trainjob_spec(cfg)}, None
+    if training.gpus_per_node > 1:
+        return "train", {"gpus_per_node": training.gpus_per_node}, training.gpus_per_node
+    return "train", {}, None
 
 
 def build_pipeline(settings: ClusterSettings | None = None):
@@ -89,6 +134,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
         max_bad_fraction: float = D.max_bad_fraction,
         num_workers: int = D.num_workers,
         preprocess_workers: int = D.preprocess_workers,
+        image_format: str = D.image_format,
+        shard_uri: str = D.shard_uri,
         mlflow_experiment: str = D.mlflow_experiment,
         model_name: str = D.model_name,
         selection_metric: str = D.selection_metric,
@@ -120,6 +167,11 @@ def build_pipeline(settings: ClusterSettings | None = None):
                 training process).
             preprocess_workers: Processes that decode images in preprocess (the CPUs its
                 pod gets).
+            image_format: How the prepared set stores images: raw (decoded pixels, fastest,
+                150 KB per image at 224 px) or jpeg (about 10 KB per image: large sets).
+            shard_uri: With image_format=jpeg, an s3:// prefix to keep the shards at: steps
+                then stream them through a bounded cache instead of copying the whole set.
+                Empty: shards inside the prepared artifact.
             mlflow_experiment: MLflow experiment of the parent and stage runs.
             model_name: Registered model name; the winner may take alias champion.
             selection_metric: macro_f1, accuracy or loss (lower is better): chooses the
@@ -146,7 +198,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
                                 batch_size=batch_size, selection_metric=selection_metric,
                                 promotion_margin=promotion_margin,
                                 num_workers=num_workers,
-                                preprocess_workers=preprocess_workers)
+                                preprocess_workers=preprocess_workers,
+                                image_format=image_format, shard_uri=shard_uri)
             _configure(prep.set_display_name("preprocess: validate, split, resize"),
                        "preprocess", cfg)
 
@@ -158,12 +211,15 @@ def build_pipeline(settings: ClusterSettings | None = None):
                 # The probe keeps its own augmentation (none: it trains on cached features).
                 fine_tune = ({"init_model": previous.outputs["model"], "augment": augment}
                              if previous else {})
+                kind, spread, gpus = _spread(stage, cfg)
                 task = c.train(stage=stage, prepared=prep.outputs["prepared"], backbone=backbone,
                                weights=weights, epochs=epochs, lr=lr, batch_size=batch_size,
                                seed=seed, num_workers=num_workers,
                                mlflow_experiment=mlflow_experiment,
-                               pipeline_run_id=run_id, **fine_tune)
-                _configure(task.set_display_name(STAGE_TITLES[stage]), "train", cfg)
+                               pipeline_run_id=run_id, **fine_tune, **spread)
+                title = STAGE_TITLES[stage] + (
+                    f" (TrainJob, {cfg.training.num_nodes} nodes)" if kind == "launcher" else "")
+                _configure(task.set_display_name(title), kind, cfg, gpus)
                 trained[stage] = previous = task
 
             models = {f"{stage}_model": task.outputs["model"] for stage, task in trained.items()}

@@ -17,6 +17,19 @@ STAGE_NAMES = ("probe", "partial", "full")
 SOLVERS = ("adamw", "lbfgs")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 
+# What every process of a data-parallel stage gets (a TrainJob node, or a pod running
+# torchrun over its GPUs) unless the same name is set otherwise.
+DISTRIBUTED_ENV = {
+    # NCCL says why a collective failed (peer unreachable, wrong network interface, version
+    # mismatch) without INFO's per-rank setup flood.
+    "NCCL_DEBUG": "WARN",
+    # A rank whose collective fails or times out aborts instead of leaving the other nodes
+    # blocked until the launcher's timeout; torchrun then fails the node and so the TrainJob.
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    # Print lines reach the pod log, and so the step's log, as they are written.
+    "PYTHONUNBUFFERED": "1",
+}
+
 
 class InvalidStageSettings(ThawError):
     """Settings a stage refuses; ``problems`` says what is wrong with each field by name,
@@ -187,6 +200,11 @@ class PipelineDefaults:
     # Decoding processes of preprocess: the preprocess step's CPU limit
     # (pipelines/settings.py), so it decodes on every core its pod gets.
     preprocess_workers: int = 4
+    # How preprocess stores images: "raw" pixels (fastest to read, 150 KB per image at
+    # 224 px) or "jpeg" (about 10 KB; for large sets). With shard_uri (an s3:// prefix,
+    # jpeg only) the shards live there and steps stream them; empty: inside the artifact.
+    image_format: str = "raw"
+    shard_uri: str = ""
     max_bad_fraction: float = 0.05
     mlflow_experiment: str = "thaw"
     model_name: str = "thaw-classifier"

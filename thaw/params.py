@@ -35,6 +35,8 @@ SELECTION_METRICS = tuple(HIGHER_IS_BETTER)
 MAX_LR = 1.0
 # Below this a CNN's last stage sees a feature map of 1 pixel or less: nothing to learn.
 MIN_IMAGE_SIZE = 32
+# How a prepared dataset stores images: decoded pixels, or re-encoded JPEG (thaw.data.shards).
+IMAGE_FORMATS = ("raw", "jpeg")
 
 # Pipeline parameter -> (stage, StageConfig field) for the settings stage_config checks.
 STAGE_PARAMETERS: dict[str, list[tuple[str, str]]] = {
@@ -93,6 +95,14 @@ def _pipeline_problems(params: Mapping[str, Any]) -> dict[str, str]:
     size = params.get("image_size", MIN_IMAGE_SIZE)
     if size < MIN_IMAGE_SIZE:
         problems["image_size"] = f"must be >= {MIN_IMAGE_SIZE} pixels, got {size}"
+    image_format = params.get("image_format", "raw")
+    if image_format not in IMAGE_FORMATS:
+        problems["image_format"] = (f"must be one of {', '.join(IMAGE_FORMATS)}, "
+                                    f"got {image_format!r}")
+    shard_uri = params.get("shard_uri", "")
+    if shard_uri and not (image_format == "jpeg" and shard_uri.startswith("s3://")):
+        problems["shard_uri"] = (f"must be an s3:// prefix and needs image_format=jpeg (or be "
+                                 f"empty: shards inside the prepared artifact), got {shard_uri!r}")
     return problems
 
 

@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 def preprocess_step(data_uri: str, out_dir: Path, *, arch: str, image_size: int, seed: int,
                     max_bad_fraction: float,
                     pipeline_parameters: dict[str, Any] | None = None,
-                    num_workers: int = 0) -> dict[str, Any]:
+                    num_workers: int = 0, image_format: str = "raw",
+                    shard_uri: str = "") -> dict[str, Any]:
     """Validate, split and resize the source once into a prepared dataset, decoding in
-    ``num_workers`` processes (0 or 1: in this one).
+    ``num_workers`` processes (0 or 1: in this one). ``image_format`` and ``shard_uri``:
+    see ``thaw.data.prepare.prepare_dataset`` (empty ``shard_uri``: shards in ``out_dir``).
 
     Bad ``pipeline_parameters`` (those of the later steps too) are refused before anything
     is listed or decoded, so a bad run fails here in seconds, not in a later step."""
@@ -52,11 +54,13 @@ def preprocess_step(data_uri: str, out_dir: Path, *, arch: str, image_size: int,
 
     check_pipeline_parameters({"backbone": arch, "image_size": image_size,
                                "max_bad_fraction": max_bad_fraction,
+                               "image_format": image_format, "shard_uri": shard_uri,
                                **(pipeline_parameters or {})})
     with tempfile.TemporaryDirectory() as workdir:
         manifest = prepare_dataset(
             data_uri, Path(out_dir), data_config=data_config(arch, image_size), seed=seed,
             max_bad_fraction=max_bad_fraction, workdir=Path(workdir), num_workers=num_workers,
+            image_format=image_format, shard_uri=shard_uri or None,
         )
     kept = sum(manifest.split_size(split) for split in manifest.counts)
     log.info(SUMMARY, f"{kept} images kept, {len(manifest.skipped)} skipped, "
@@ -67,19 +71,33 @@ def preprocess_step(data_uri: str, out_dir: Path, *, arch: str, image_size: int,
 
 def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[str, Any],
                arch: str, weights: str, init_dir: Path | None, experiment: str,
-               pipeline_run_id: str) -> dict[str, Any]:
+               pipeline_run_id: str, processes: int = 1) -> dict[str, Any]:
     """Train one stage (warm-started from ``init_dir``'s best checkpoint when given) inside
     its own nested MLflow run; the run is marked failed if training raises.
 
     ``out_dir`` (checkpoints, ``result.json``, ``stage_run.json``) is complete before the
     MLflow run is finished, so an MLflow outage at the end loses no trained model: the
-    step then fails saying so, and running it again resumes from the checkpoints."""
+    step then fails saying so, and running it again resumes from the checkpoints.
+
+    ``processes`` > 1 trains data-parallel in that many processes on this machine (one per
+    GPU, started by torchrun; ``thaw.stage_job``). Inside such a process group (torchrun
+    started this process) only rank 0 talks to MLflow."""
     from thaw.stages import run_stage
+    from thaw.training import distributed
 
     cfg = stage_config(stage, **settings)
+    if processes > 1:
+        return _train_in_processes(processes, prepared_dir, out_dir, stage=stage,
+                                   settings=settings, arch=arch, weights=weights,
+                                   init_dir=init_dir, experiment=experiment,
+                                   pipeline_run_id=pipeline_run_id)
     checkpoint_uri = stage_checkpoint_uri(pipeline_run_id, stage)
     _refuse_known_failure(checkpoint_uri)
     data = open_prepared(Path(prepared_dir))
+    if not distributed.current().is_main:
+        return run_stage(data, cfg, Path(out_dir), arch=arch, weights=weights,
+                         init_checkpoint=Path(init_dir) / "best.pt" if init_dir else None,
+                         checkpoint_uri=checkpoint_uri).to_dict()
     parent = tracking.ensure_parent_run(experiment, pipeline_run_id)
     run_id = tracking.start_stage_run(parent, stage, {
         **cfg.to_dict(), "arch": arch, "weights": weights if init_dir is None else "previous stage",
@@ -108,6 +126,17 @@ def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[
     log.info(SUMMARY, f"{stage}: best val macro-F1 {result.best_val['macro_f1']:.3f} "
                       f"(epoch {result.best_epoch})")
     return summary
+
+
+def _train_in_processes(processes: int, prepared_dir: Path, out_dir: Path, *,
+                        init_dir: Path | None, **step: Any) -> dict[str, Any]:
+    """``train_step`` run by ``processes`` torchrun processes; rank 0's summary."""
+    from thaw.stage_job import stage_arguments, torchrun_in_pod
+
+    torchrun_in_pod(processes, stage_arguments(
+        prepared=str(prepared_dir), out=str(out_dir),
+        init=str(init_dir) if init_dir else None, **step))
+    return _stage_record(Path(out_dir), "result.json")
 
 
 def _record_stage_failure(err: BaseException, run_id: str, checkpoint_uri: str | None) -> None:

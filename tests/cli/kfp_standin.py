@@ -19,14 +19,15 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_httpserver import HTTPServer
-from pytest_httpserver.httpserver import METHOD_ALL
 from werkzeug import Request, Response
+
+from tests.loopback import LoopbackServer, Recorded, serving
 
 API = "/apis/v2beta1"
 NOW = "2026-01-02T03:04:05Z"
@@ -42,16 +43,7 @@ class Frame:
     tasks: TaskStates = field(default_factory=dict)
 
 
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict[str, str]
-    body: Any
-    authorization: str | None
-
-
-class KfpStandin:
+class KfpStandin(LoopbackServer):
     def __init__(self, version: str = "2.6.0", *, multi_user: bool = False,
                  token: str | None = None) -> None:
         self.version = version
@@ -95,21 +87,6 @@ class KfpStandin:
         ]
 
     # -- the server -------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.port}"
-
-    def start(self) -> KfpStandin:
-        self._server.expect_request(re.compile(".*"), method=METHOD_ALL) \
-            .respond_with_handler(self._handle)
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.clear()
-        if self._server.is_running():
-            self._server.stop()
-
     def calls(self, method: str, path_pattern: str) -> list[Recorded]:
         """Recorded requests whose method matches and whose path (after /apis/v2beta1/)
         matches ``path_pattern`` in full."""
@@ -121,7 +98,7 @@ class KfpStandin:
         body: Any = request.get_json(silent=True) if request.mimetype == "application/json" \
             else None
         self.requests.append(Recorded(request.method, request.path, dict(request.args), body,
-                                      request.headers.get("Authorization")))
+                                      authorization=request.headers.get("Authorization")))
         if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
             return _error(401, UNAUTHENTICATED, "Request header error: there is no user "
                                                 "identity header.")
@@ -318,13 +295,8 @@ class KfpStandin:
         return _json({})
 
 
-@contextmanager
-def running(**kwargs: Any) -> Iterator[KfpStandin]:
-    standin = KfpStandin(**kwargs).start()
-    try:
-        yield standin
-    finally:
-        standin.stop()
+def running(**kwargs: Any) -> AbstractContextManager[KfpStandin]:
+    return serving(KfpStandin(**kwargs))
 
 
 def _task_details(run_id: str, frame: Frame) -> list[dict[str, Any]]:

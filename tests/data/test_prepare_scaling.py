@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from thaw import storage
-from thaw.data import prepare
+from thaw.data import shards
 from thaw.data.prepare import prepare_dataset
 from thaw.data.prepared import MANIFEST_NAME, open_prepared
 from thaw.errors import ThawError
@@ -135,22 +135,23 @@ def test_truncated_files_give_the_result_of_a_source_without_them(
     open_prepared(tmp_path / "b")
 
 
+@pytest.mark.parametrize("image_format", ["raw", "jpeg"])
 def test_each_file_is_decoded_once_and_header_bad_files_never(
-    make_folder, tmp_path, data_config, monkeypatch
+    make_folder, tmp_path, data_config, monkeypatch, image_format
 ) -> None:
     src = make_folder({"cat": 30, "dog": 30})
     (src / "cat" / "notes.txt").write_text("not an image")
     (src / "dog" / "empty.png").write_bytes(b"")
     decoded: Counter[str] = Counter()
-    real = prepare.load_record
+    real = shards.load_record
 
     def counting(record, **kwargs):
         decoded[record.path] += 1
         return real(record, **kwargs)
 
-    monkeypatch.setattr(prepare, "load_record", counting)
+    monkeypatch.setattr(shards, "load_record", counting)
     manifest = prepare_dataset(str(src), tmp_path / "clean", data_config=data_config,
-                               max_bad_fraction=0.1)  # fmt: skip
+                               max_bad_fraction=0.1, image_format=image_format)  # fmt: skip
     assert sum(manifest.split_size(s) for s in SPLITS) == 60
     assert set(decoded) == {f"{c}/img{i:03d}.png" for c in ("cat", "dog") for i in range(30)}
     assert set(decoded.values()) == {1}
@@ -158,10 +159,20 @@ def test_each_file_is_decoded_once_and_header_bad_files_never(
     decoded.clear()
     for name in ("cat/img004.png", "dog/img011.png"):
         truncate(src / name)
-    prepare_dataset(str(src), tmp_path / "dirty", data_config=data_config, max_bad_fraction=0.1)
+    dirty = prepare_dataset(str(src), tmp_path / "dirty", data_config=data_config,
+                            max_bad_fraction=0.1, image_format=image_format)
     # Rewriting the split without the two truncated files copies from the shards already
     # written: only images that changed split are decoded again, never the whole set.
     assert sum(decoded.values()) <= 60 + 4 * 2
+    # ... and the copies are exactly what a fresh preparation without those files writes.
+    for name in ("cat/img004.png", "dog/img011.png"):
+        (src / name).unlink()
+    fresh = prepare_dataset(str(src), tmp_path / "fresh", data_config=data_config,
+                            max_bad_fraction=0.1, image_format=image_format)
+    assert dirty.shards == fresh.shards and dirty.counts == fresh.counts
+    for split in SPLITS:
+        assert (open_prepared(tmp_path / "dirty").images(split).tobytes()
+                == open_prepared(tmp_path / "fresh").images(split).tobytes())
 
 
 def test_a_file_changed_between_the_passes_is_an_error(

@@ -33,6 +33,8 @@ PLACEHOLDER = re.compile(r"^REPLACE_ME")
 COMPILED_PIPELINE = INFRA.parent / "pipelines" / "thaw_pipeline.yaml"
 CLUSTER_EXAMPLE = INFRA / "cluster.example.yaml"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob"}
+# cluster-scoped kinds in the tree: kustomize gives them no namespace (trainer-rbac.yaml)
+CLUSTER_SCOPED_KINDS = {"ClusterRole", "ClusterRoleBinding"}
 # fields of kubeflow/pipelines backend/src/v2/config/s3.go (S3ProviderDefault, S3Credentials)
 LAUNCHER_DEFAULT_FIELDS = {"endpoint", "credentials", "region", "disableSSL", "forcePathStyle",
                            "maxRetries"}
@@ -212,7 +214,8 @@ def test_overlay_objects_are_valid(rendered, overlay):
     assert docs
     for doc in docs:
         _validate(doc, f"overlays/{overlay}")
-        assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]["name"]
+        expected = None if doc["kind"] in CLUSTER_SCOPED_KINDS else NAMESPACE
+        assert doc["metadata"].get("namespace") == expected, doc["metadata"]["name"]
         assert doc["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "thaw"
 
 

@@ -63,6 +63,10 @@ BAD = [
     ({"max_bad_fraction": 1.0}, "max_bad_fraction must be in [0, 1), got 1.0"),
     ({"max_bad_fraction": -0.1}, "max_bad_fraction must be in [0, 1), got -0.1"),
     ({"promotion_margin": -0.01}, "promotion_margin must be a number >= 0, got -0.01"),
+    ({"image_format": "png"}, "image_format must be one of raw, jpeg, got 'png'"),
+    ({"shard_uri": "s3://bucket/shards"}, "shard_uri must be an s3:// prefix and needs "
+                                          "image_format=jpeg"),
+    ({"image_format": "jpeg", "shard_uri": "/data/shards"}, "shard_uri must be an s3:// prefix"),
 ]
 
 
@@ -89,7 +93,8 @@ def test_a_bad_parameter_is_refused_naming_it_and_its_allowed_values(defaults, o
     {"weights": "file:///models/r50.pth", "image_size": 32, "selection_metric": "loss"},
     {"backbone": "vit_tiny_patch16_224", "image_size": 224, "augment": "crop_flip",
      "full_lr": 1.0, "max_bad_fraction": 0.0, "promotion_margin": 0.01},
-], ids=["defaults", "packaged", "hub-tag-s3-file", "file-uri", "vit"])
+    {"image_format": "jpeg", "shard_uri": "s3://bucket/thaw-shards"},
+], ids=["defaults", "packaged", "hub-tag-s3-file", "file-uri", "vit", "streamed-jpeg"])
 def test_good_parameters_pass(defaults, override):
     check_pipeline_parameters({**defaults, **override})
 

@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 from thaw.config import PIPELINE_DEFAULTS, stage_config
 from thaw.data.prepared import Manifest, PreparedDataset
+from thaw.training.distributed import SINGLE
 from thaw.training.feeds import BatchAugment, ImageFeed, augmentation
 from thaw.training.loop import Diverged, _train_epoch
 from thaw.training.optim import build_optimizer, build_scheduler
@@ -156,6 +157,8 @@ def test_workers_change_nothing_but_speed(labelled_pixels) -> None:
 
 class ListFeed:
     """Given (x, y) batches as the train split, optionally slow to deliver each."""
+
+    ranks = SINGLE
 
     def __init__(self, batches, delay: float = 0.0) -> None:
         self.net = nn.Linear(4, 3)

@@ -9,6 +9,12 @@ found in the second pass: the split is then decided again without it and the sha
 rewritten from the ones already written, re-decoding only the few images that changed
 split. The result is the same as deciding on decoded images from the start.
 
+`image_format="jpeg"` stores each resized image re-encoded as JPEG (quality 90, encoded in
+the worker processes) in strided shards with a small index (`thaw.data.shards`); with
+`shard_uri` the shards are then uploaded once to `<shard_uri>/<content key>/` and the
+prepared folder keeps only the manifest, report, index and labels, a few MB however large
+the set (`thaw.data.remote_shards`).
+
 Classes are the class folder names, kept exactly and sorted by code point (Python's `sorted`,
 independent of locale and listing order), so a class's index depends only on the set of
 names. Refused with a `ThawError`: an empty class folder (`<class>/` or `train/<class>/`),
@@ -32,19 +38,32 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from thaw.data.images import DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, resample_filter
+from thaw.data.images import (
+    DEFAULT_MAX_PIXELS,
+    JPEG_QUALITY,
+    MIN_IMAGE_SIDE,
+    resample_filter,
+)
 from thaw.data.prepared import (
     MANIFEST_NAME,
     REPORT_NAME,
     Manifest,
     atomic_output_dir,
-    write_split,
+)
+from thaw.data.remote_shards import publish_shards, shard_prefix
+from thaw.data.shards import (
+    ShardLayout,
+    check_image_format,
+    encode_record,
+    file_sha256,
+    layout,
 )
 from thaw.data.sources import (
     Listing,
@@ -52,11 +71,11 @@ from thaw.data.sources import (
     Record,
     apply_all,
     list_source,
-    load_record,
     scan_record,
 )
 from thaw.data.split import SPLITS, SplitItem, SplitPlan, split_items, validate_fractions
 from thaw.errors import ThawError
+from thaw.storage import is_s3_uri
 
 _REPORT_MAX_SKIPPED = 200
 _BATCH = 64  # records per task sent to a worker process
@@ -77,17 +96,26 @@ def prepare_dataset(
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = MIN_IMAGE_SIDE,
+    image_format: str = "raw",
+    shard_uri: str | None = None,
 ) -> Manifest:
     """Validate, split, decode and resize `source` into `output_dir`; returns the manifest.
 
     `data_config` is timm's (`input_size`, `mean`, `std`, `interpolation`). `workdir` holds
     downloaded S3 sources (a temporary directory when None). `num_workers` > 1 decodes in
     that many processes. Images of more than `max_pixels` pixels (checked from the header,
-    before decoding) or with a side below `min_side` are skipped and reported. Nothing is
-    left in `output_dir` when this raises.
+    before decoding) or with a side below `min_side` are skipped and reported.
+    `image_format` "raw" stores pixels, "jpeg" re-encoded JPEG (about 15x smaller at 224 px);
+    `shard_uri` (an `s3://` prefix, JPEG only) is where the shards go instead of
+    `output_dir`. Nothing is left in `output_dir` when this raises.
     """
     size, interpolation = _check_config(data_config)
     fractions = validate_fractions(split_fractions)
+    check_image_format(image_format)
+    if shard_uri is not None and (image_format != "jpeg" or not is_s3_uri(shard_uri)):
+        raise ThawError(f"shard_uri={shard_uri!r} needs image_format='jpeg' (got "
+                        f"{image_format!r}) and an s3://bucket/prefix URI: only JPEG shards "
+                        "are streamed from S3")
     if min(shard_size, max_pixels, min_side) < 1 or not 0 <= max_bad_fraction <= 1:
         raise ThawError(
             "need shard_size, max_pixels and min_side >= 1 and 0 <= max_bad_fraction <= 1, "
@@ -109,13 +137,15 @@ def prepare_dataset(
             if scanned.reason is not None:
                 bad[i] = scanned.reason
         decode = partial(
-            load_record,
+            encode_record,
+            image_format=image_format,
             size=size,
             interpolation=interpolation,
             max_pixels=max_pixels,
             min_side=min_side,
         )
-        writer = _ShardWriter(out, records, hashes, decode, workers, size, shard_size)
+        shard_layout = layout(image_format, shard_size)
+        writer = _ShardWriter(out, records, hashes, decode, workers, shard_layout, size)
         classes = sorted({r.class_name for r in records})
         class_to_idx = {name: idx for idx, name in enumerate(classes)}
         while True:
@@ -161,10 +191,26 @@ def prepare_dataset(
             seed=seed,
             split_fractions=list(fractions),
             warnings=_warnings(listing, counts, plan),
+            image_format=image_format,
+            shard_sha256=({name: file_sha256(out / name) for names in shards.values()
+                           for name in names} if image_format == "jpeg" else {}),
         )
+        if shard_uri is not None:
+            manifest = _publish(out, manifest, shard_uri)
         (out / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         (out / REPORT_NAME).write_text(render_report(manifest), encoding="utf-8")
     return manifest
+
+
+def _publish(out: Path, manifest: Manifest, shard_uri: str) -> Manifest:
+    """Upload the shards to their content-addressed prefix under `shard_uri` and drop the
+    local copies; the returned manifest names the prefix."""
+    location = shard_prefix(shard_uri, manifest.content_key())
+    names = list(manifest.shard_sha256)
+    publish_shards(out, names, location)
+    for name in names:
+        (out / name).unlink()
+    return replace(manifest, shard_location=location)
 
 
 def _check_config(data_config: dict[str, Any]) -> tuple[int, str]:
@@ -302,10 +348,11 @@ class _ShardWriter:
     """Writes the shards of a split plan, decoding every image straight into its shard.
 
     `write` records where each image went; called again with a plan that leaves out files
-    which failed to decode, it copies the images from the shards it wrote before (renamed
-    into a hidden folder and deleted shard by shard as they are used), decoding again only
-    the few images that changed split. Disk use stays about one prepared set plus two
-    shards, and no image is decoded twice except those.
+    which failed to decode, it copies the encoded images from the shards it wrote before
+    (renamed into a hidden folder; raw shards are deleted one by one as they are used),
+    decoding again only the few images that changed split. Disk use stays about one
+    prepared set plus two shards (raw), or two sets (JPEG, a fifteenth of raw each), and no
+    image is decoded or encoded twice except those.
     """
 
     def __init__(
@@ -315,12 +362,12 @@ class _ShardWriter:
         hashes: list[str],
         decode: Callable[[Record], LoadedRecord],
         workers: _Workers,
+        shard_layout: ShardLayout,
         size: int,
-        shard_size: int,
     ) -> None:
         self.out, self.records, self.hashes = out, records, hashes
-        self.decode, self.workers, self.shard_size = decode, workers, shard_size
-        self.blank = np.zeros((size, size, 3), dtype=np.uint8)
+        self.decode, self.workers, self.layout = decode, workers, shard_layout
+        self.blank = shard_layout.blank(size)
         self.order: dict[str, list[int]] = {}  # split -> records in the shards on disk
         self.shards: dict[str, list[str]] = {}
         self.late: dict[int, str] = {}
@@ -334,15 +381,16 @@ class _ShardWriter:
         previous = self.out / ".previous"
         if self.shards:
             previous.mkdir()
-            for path in self.out.glob("*.npy"):
-                path.rename(previous / path.name)
+            for path in list(self.out.iterdir()):
+                if path != previous:
+                    path.rename(previous / path.name)
             placed = {j: (s, row) for s in SPLITS for row, j in enumerate(self.order[s])}
             streams = {s: self._reused(previous, s, order[s], placed) for s in SPLITS}
         else:
             decoded = self._decoded([j for split in SPLITS for j in order[split]])
             streams = dict.fromkeys(SPLITS, decoded)
         self.shards = {
-            split: write_split(self.out, split, streams[split], labels[split], self.shard_size)
+            split: self.layout.write_split(self.out, split, streams[split], labels[split])
             for split in SPLITS
         }
         shutil.rmtree(previous, ignore_errors=True)
@@ -371,22 +419,23 @@ class _ShardWriter:
     def _reused(
         self, previous: Path, split: str, indices: list[int], placed: dict[int, tuple[str, int]]
     ) -> Iterator[np.ndarray]:
-        """Images of `indices` copied from the previous shards of `split` (read in order and
-        deleted once passed; `placed`: record -> (split, row) there); images that were in
-        another split are decoded again."""
-        names = self.shards[split]
-        current, shard = -1, np.empty(0)
+        """Encoded images of `indices` copied from the previous shards of `split` (`placed`:
+        record -> (split, row) there); images that were in another split are decoded again."""
+        earlier = self.layout.previous(previous, split, self.shards[split])
         for j in indices:
             where = placed.get(j)
             if where is None or where[0] != split:
                 yield self._pixels(j, self.decode(self.records[j]))
-                continue
-            number, row = divmod(where[1], self.shard_size)
-            if number != current:
-                for passed in names[max(current, 0) : number]:
-                    (previous / passed).unlink(missing_ok=True)
-                current, shard = number, np.load(previous / names[number], mmap_mode="r")
-            yield np.array(shard[row])
+            else:
+                yield earlier.sample(where[1])
+
+
+def _storage_line(manifest: Manifest) -> list[str]:
+    if manifest.image_format == "raw":
+        return []
+    where = f" at `{manifest.shard_location}`" if manifest.shard_location else ""
+    return [f"- stored as JPEG (quality {JPEG_QUALITY}) in {len(manifest.shard_sha256)} "
+            f"shards{where}"]
 
 
 def source_fingerprint(records: Sequence[Record], hashes: Sequence[str]) -> str:
@@ -410,6 +459,7 @@ def render_report(manifest: Manifest) -> str:
         f"- images: {kept} kept, {len(manifest.skipped)} skipped, {len(manifest.classes)} classes",
         f"- resized to {height}x{width} ({manifest.interpolation}), seed {manifest.seed}, "
         f"split fractions {'/'.join(str(f) for f in manifest.split_fractions)}",
+        *_storage_line(manifest),
         "",
         "## Images per class and split",
         "",

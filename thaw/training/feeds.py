@@ -4,14 +4,16 @@ device) or, for the head-only stage, backbone features computed once."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset
 
 from thaw.data.prepared import ImageSplit, PreparedDataset
+from thaw.training.distributed import SINGLE, Distributed, share
 
 # Batches each DataLoader worker keeps ready (torch's default). With the default 2 workers
 # that is 4 batches in flight: 38 MB at 224 px and batch 64, inside the 64 MB /dev/shm a pod
@@ -45,11 +47,17 @@ class BatchAugment:
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.ratio = ratio
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, rows: tuple[int, int, int] | None = None
+                 ) -> torch.Tensor:
+        """Augmented ``images``. ``rows`` = (global batch size, start, stop): these images
+        are rows start:stop of a global batch split over processes; every process draws the
+        whole global batch's crops and uses its rows, so the crops do not depend on the
+        number of processes."""
         batch = images if images.ndim == 4 else images[None]
         x = batch if batch.is_floating_point() else batch.float()
-        grid = F.affine_grid(self.crops(len(x), x.shape[-2:], x.device),
-                             [len(x), x.shape[1], *self.size], align_corners=False)
+        total, start, stop = rows or (len(x), 0, len(x))
+        theta = self.crops(total, x.shape[-2:], x.device)[start:stop]
+        grid = F.affine_grid(theta, [len(x), x.shape[1], *self.size], align_corners=False)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border",
                             align_corners=False)
         if not batch.is_floating_point():
@@ -99,10 +107,17 @@ def augmentation(policy: str, size: list[int]) -> BatchAugment | None:
     return BatchAugment(size, flip=policy == "crop_flip")
 
 
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of ``range(size)`` fixed by (seed, epoch), like
+    ``DistributedSampler.set_epoch``: it does not depend on how many epochs were served
+    before, so a resumed run and persistent DataLoader workers see the same batches as an
+    uninterrupted run."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(size, generator=generator).tolist()
+
+
 class EpochShuffle(Sampler[int]):
-    """A permutation fixed by (seed, epoch), like ``DistributedSampler.set_epoch``: the
-    order does not depend on how many epochs this sampler served before, so a resumed run
-    and persistent DataLoader workers see the same batches as an uninterrupted run."""
+    """Samples in ``epoch_order`` of the epoch set in ``epoch``."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
@@ -110,27 +125,62 @@ class EpochShuffle(Sampler[int]):
         self.epoch = 0
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(epoch_order(self.size, self.seed, self.epoch))
 
     def __len__(self) -> int:
         return self.size
 
 
+class GlobalBatches(Sampler[list[int]]):
+    """This process's share of each step's global batch: the epoch's order (``order(epoch)``,
+    set ``epoch`` before iterating) cut into global batches of ``batch_size * world_size``,
+    each cut into contiguous shares (``distributed.share``). One process gets exactly the
+    batches ``DataLoader(sampler=EpochShuffle, batch_size)`` gave; several together cover the
+    epoch exactly once (a share of the last, short global batch may be empty)."""
+
+    def __init__(self, order: Callable[[int], Sequence[int]], size: int, batch_size: int,
+                 ranks: Distributed) -> None:
+        self.order = order
+        self.size = size
+        self.ranks = ranks
+        self.global_batch = batch_size * ranks.world_size
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.order(self.epoch))
+        for step in range(len(self)):
+            start, stop = self.rows(step)[1:]
+            offset = step * self.global_batch
+            yield order[offset + start:offset + stop]
+
+    def rows(self, step: int) -> tuple[int, int, int]:
+        """(global batch size, start, stop) of this process's rows in ``step``'s batch."""
+        total = min(self.global_batch, self.size - step * self.global_batch)
+        return (total, *share(total, self.ranks.world_size, self.ranks.rank))
+
+    def __len__(self) -> int:
+        return -(-self.size // self.global_batch)
+
+
 class ImageFeed:
     """Batches of uint8 images read by DataLoader workers (pinned memory on CUDA,
     persistent workers, prefetch), then augmented and normalised as whole batches on the
-    device, where it is cheapest: the CPU only reads and collates."""
+    device, where it is cheapest: the CPU only reads and collates.
+
+    Under DDP (``ranks``) training batches are this process's share of each global batch
+    (``GlobalBatches``) and the batches of an evaluated split this process's contiguous part
+    of it (``ranks.concat`` puts the parts back together, in order)."""
 
     def __init__(self, model: nn.Module, data: PreparedDataset, device: torch.device, *,
                  batch_size: int, augment: str = "none", seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, ranks: Distributed = SINGLE) -> None:
         self.net = model
         self.data = data
         self.device = device
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.ranks = ranks
         manifest = data.manifest
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(manifest.mean, device=device).view(shape) * 255
@@ -140,15 +190,19 @@ class ImageFeed:
 
     def batches(self, split: str, *, train: bool, epoch: int = 0) -> Iterator:
         """(normalised float images, labels) on the device; ``train`` shuffles by (seed,
-        epoch) and augments."""
+        epoch) and augments. Under DDP: this process's share (see the class)."""
         loader = self._loader(split, train)
         if train:
-            loader.sampler.epoch = epoch
-        for images, labels in loader:
+            loader.batch_sampler.epoch = epoch
+        for step, (images, labels) in enumerate(loader):
             images = images.to(self.device, non_blocking=True).float()
             if train and self.augment is not None:
-                images = self.augment(images)
+                images = self.augment(images, loader.batch_sampler.rows(step))
             yield self.normalise(images), labels.to(self.device, non_blocking=True)
+
+    def steps_per_epoch(self) -> int:
+        """Training steps (global batches) per epoch."""
+        return len(self._loader("train", True).batch_sampler)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         images = (images - self.mean) / self.std
@@ -159,15 +213,27 @@ class ImageFeed:
         key = (split, train)
         if key not in self._loaders:
             dataset = ImageSplit(self.data, split)
+            if train:
+                # a streamed split orders its samples shard by shard; else a permutation
+                order = getattr(dataset, "epoch_order", None) or partial(
+                    epoch_order, len(dataset))
+                batching = {"batch_sampler": GlobalBatches(
+                    partial(order, self.seed), len(dataset), self.batch_size, self.ranks)}
+            else:
+                # shard by shard: a streamed split is then fetched once, whatever the cache
+                order = dataset.storage_order()
+                start, stop = share(len(order), self.ranks.world_size, self.ranks.rank)
+                if self.ranks.enabled or dataset.streamed:
+                    dataset = Subset(dataset, order[start:stop])
+                batching = {"batch_size": self.batch_size}
             workers = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES
                        } if self.num_workers else {}
             self._loaders[key] = DataLoader(
                 dataset,
-                batch_size=self.batch_size,
-                sampler=EpochShuffle(len(dataset), self.seed) if train else None,
                 num_workers=self.num_workers,
                 pin_memory=self.device.type == "cuda",
                 generator=_private_generator(self.seed),
+                **batching,
                 **workers,
             )
         return self._loaders[key]
@@ -175,7 +241,14 @@ class ImageFeed:
 
 class FeatureFeed:
     """Pooled backbone features of every image, computed once with the frozen backbone in
-    eval mode; the loop then trains only the classifier on them."""
+    eval mode; the loop then trains only the classifier on them.
+
+    Under DDP every process computes all features and fits the same head on them (the
+    same seed gives the same weights): a head fit takes seconds, and the pipeline runs this
+    stage on one GPU anyway."""
+
+    # Nothing is split between processes, so nothing is summed or gathered across them.
+    ranks = SINGLE
 
     def __init__(self, model: nn.Module, data: PreparedDataset, device: torch.device, *,
                  batch_size: int, seed: int = 0, num_workers: int = 0) -> None:
@@ -200,6 +273,9 @@ class FeatureFeed:
             labels.append(y)
         model.train(was_training)
         return TensorDataset(torch.cat(feats), torch.cat(labels))
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.features["train"]) // self.batch_size)
 
     def batches(self, split: str, *, train: bool, epoch: int = 0) -> Iterator:
         sampler = EpochShuffle(len(self.features[split]), self.seed) if train else None

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from thaw.backbones import stage_groups
@@ -22,6 +23,7 @@ from thaw.data.prepared import PreparedDataset
 from thaw.errors import ThawError
 from thaw.evaluation import classification_metrics
 from thaw.storage import write_json_atomic
+from thaw.training import distributed
 from thaw.training.feeds import FeatureFeed, ImageFeed
 from thaw.training.freeze import apply_trainable, set_train_mode
 from thaw.training.optim import build_optimizer, build_scheduler
@@ -70,7 +72,8 @@ class StageResult:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU (under torchrun: the one of its local rank), else the CPU."""
+    return distributed.current().device()
 
 
 def train_stage(
@@ -110,13 +113,22 @@ def train_stage(
     the device, so a NaN never reaches the weights. ``train_seconds`` includes fetching the
     batches, so images/s shows a device waiting for data. ``cfg.compile`` runs the trained
     network through ``torch.compile``.
+
+    Under torchrun (``thaw.training.distributed``) each process trains on its share of
+    every global batch of ``cfg.batch_size * world_size`` images in a fresh DDP wrapper;
+    the learning rates scale with the global batch by ``lr_scale``; every process computes
+    the same metrics and takes the same decisions, and only rank 0 writes files or calls
+    ``on_epoch_end``.
     """
+    ranks = distributed.current()
     device = device or default_device()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
     mirror = CheckpointMirror(checkpoint_uri, out_dir)
-    mirror.fetch_missing()
+    if ranks.is_local_main:
+        mirror.fetch_missing()
+    ranks.barrier()
     torch.manual_seed(cfg.seed)
 
     groups = stage_groups(model)
@@ -130,11 +142,13 @@ def train_stage(
     if cfg.uses_cached_features:
         feed = FeatureFeed(model, data, device, **feed_options)
     else:
-        feed = ImageFeed(model, data, device, augment=cfg.augment, **feed_options)
+        feed = ImageFeed(model, data, device, augment=cfg.augment, ranks=ranks, **feed_options)
+        # a new wrapper for this stage's trainable set (see thaw.training.distributed)
+        feed.net = ranks.wrap(model)
     if cfg.compile:
         feed.net = torch.compile(feed.net)
-    steps_per_epoch = -(-len(data.labels("train")) // cfg.batch_size)
-    optimizer = build_optimizer(model, groups, cfg)
+    steps_per_epoch = feed.steps_per_epoch()
+    optimizer = build_optimizer(model, groups, cfg, lr_scale=lr_scale(feed.ranks))
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(
         weight=_class_weights(data, device) if cfg.class_weighting else None,
@@ -147,7 +161,7 @@ def train_stage(
     meta = {"classes": data.manifest.classes, "data_config": data.manifest.data_config(),
             "stage": cfg.name, "stage_config": cfg.to_dict(), "resume_identity": identity}
 
-    state = _resume(last_path, model, optimizer, scheduler, identity)
+    state = _resume(last_path, model, optimizer, scheduler, identity, ranks.is_main)
     if not state["history"]:
         # Epoch 0 is the starting point, scored like any epoch: a stage whose epochs all
         # score below it hands on the model it was given, never a worse one.
@@ -161,9 +175,10 @@ def train_stage(
         record = {"epoch": 0, "train_images": 0, "train_seconds": 0.0,
                   **{f"val_{k}": v for k, v in val.items()},
                   "epoch_seconds": time.perf_counter() - tick}
-        _keep(state, record, val, model, best_path, {**meta, "epoch": 0, "val": val}, mirror)
+        _keep(state, record, val, model, best_path, {**meta, "epoch": 0, "val": val},
+              mirror if ranks.is_main else None)
         log.info("%s epoch 0/%d: starting point %s", cfg.name, cfg.epochs, _brief(record))
-        if on_epoch_end:
+        if on_epoch_end and ranks.is_main:
             on_epoch_end(record)
     path = regularisation_path(cfg.epochs) if cfg.solver == "lbfgs" else []
     for epoch in range(state["epoch"], cfg.epochs):
@@ -192,17 +207,19 @@ def train_stage(
         record = {"epoch": epoch + 1, **train, **{f"val_{k}": v for k, v in val.items()},
                   "epoch_seconds": time.perf_counter() - epoch_start}
         _keep(state, record, val, model, best_path, {**meta, "epoch": epoch + 1, "val": val},
-              mirror)
+              mirror if ranks.is_main else None)
         state["epoch"] = epoch + 1
-        save_checkpoint(last_path, model, meta, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), progress=_jsonable(state))
-        mirror.push(last_path)
+        if ranks.is_main:
+            save_checkpoint(last_path, model, meta, optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), progress=_jsonable(state))
+            mirror.push(last_path)
         log.info("%s epoch %d/%d: %s", cfg.name, epoch + 1, cfg.epochs, _brief(record))
-        if on_epoch_end:
+        if on_epoch_end and ranks.is_main:
             on_epoch_end(record)
     state["wall_seconds"] += time.perf_counter() - start
-    save_checkpoint(last_path, model, meta, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), progress=_jsonable(state))
+    if ranks.is_main:
+        save_checkpoint(last_path, model, meta, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), progress=_jsonable(state))
 
     history = state["history"]
     best = next(r for r in history if r["epoch"] == state["best_epoch"])
@@ -223,15 +240,26 @@ def train_stage(
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         diverged=state.get("diverged"),
     )
-    write_json_atomic(out_dir / "result.json", result.to_dict(), indent=2)
+    if ranks.is_main:
+        write_json_atomic(out_dir / "result.json", result.to_dict(), indent=2)
+    ranks.barrier()  # every process returns once rank 0's files are complete
     return result
+
+
+def lr_scale(ranks: distributed.Distributed) -> float:
+    """How much the learning rates grow with the global batch: ``sqrt(world_size)``.
+
+    ``lr`` is set for ``batch_size`` images per step; with N processes a step sees
+    ``N * batch_size``, and AdamW's LR scales with the square root of the batch (timm's
+    default rule for Adam-family optimizers, ``--lr-base-scale sqrt``). One process: 1."""
+    return math.sqrt(ranks.world_size)
 
 
 def _keep(state: dict[str, Any], record: dict[str, Any], val: dict[str, float],
           model: nn.Module, best_path: Path, meta: dict[str, Any],
-          mirror: CheckpointMirror) -> None:
+          mirror: CheckpointMirror | None) -> None:
     """Append ``record``; a new best (strictly better validation macro-F1, the starting
-    point included) is checkpointed.
+    point included) is checkpointed, unless ``mirror`` is None (not rank 0: nothing written).
 
     Patience counts against the best *trained* epoch, not the starting point: the first
     epochs at a high learning rate often score below the start and recover as the LR
@@ -241,8 +269,9 @@ def _keep(state: dict[str, Any], record: dict[str, Any], val: dict[str, float],
     score = val[SELECTION_METRIC]
     if score > state["best"]:
         state.update(best=score, best_epoch=record["epoch"])
-        save_checkpoint(best_path, model, meta)
-        mirror.push(best_path)
+        if mirror is not None:
+            save_checkpoint(best_path, model, meta)
+            mirror.push(best_path)
     if record["epoch"] == 0:
         return
     if score > state["trained_best"]:
@@ -287,33 +316,61 @@ def _train_epoch(model, feed, optimizer, scheduler, criterion, epoch, steps_per_
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     tick = time.perf_counter()
+    ranks = feed.ranks
     for step, (x, y) in enumerate(feed.batches("train", train=True, epoch=epoch), start=1):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = feed.net(x)
-            loss = criterion(logits.float(), y)
+            loss, batch_loss, batch_size = _batch_loss(criterion, logits.float(), y, ranks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        guard.observe(loss.detach(), step)
+        guard.observe(batch_loss, step)
         optimizer.step()
         scheduler.step_update(epoch * steps_per_epoch + step)
-        loss_sum += loss.detach() * len(y)
+        loss_sum += batch_loss * batch_size
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
         if step % DIVERGENCE_CHECK_STEPS == 0:
             guard.check(epoch)
     guard.check(epoch)
+    correct = ranks.sum(correct)
+    seen = int(ranks.sum(torch.tensor(seen, device=device)))
     total_loss, total_correct = torch.stack([loss_sum, correct.double()]).tolist()
     return {"train_loss": total_loss / seen, "train_accuracy": total_correct / seen,
             "train_images": seen, "train_seconds": time.perf_counter() - tick}
 
 
+def _batch_loss(criterion: nn.CrossEntropyLoss, logits: torch.Tensor, y: torch.Tensor,
+                ranks: distributed.Distributed) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(loss to backpropagate, the global batch's loss, the global batch's size).
+
+    One process: ``criterion``'s mean. Under DDP each process backpropagates its share of
+    the *global* batch's (class-weighted) mean, scaled by ``world_size`` because DDP
+    averages gradients over processes: the update is the one a single process would make on
+    the whole global batch, however unevenly its last batch is split (a share may be empty).
+    """
+    if not ranks.enabled:
+        loss = criterion(logits, y)
+        return loss, loss.detach(), len(y)
+    per_sample = F.cross_entropy(logits, y, weight=criterion.weight, reduction="none",
+                                 label_smoothing=criterion.label_smoothing)
+    weights = (criterion.weight[y] if criterion.weight is not None
+               else torch.ones_like(per_sample))
+    totals = ranks.sum(torch.stack([weights.sum(), torch.tensor(len(y), device=y.device,
+                                                                dtype=weights.dtype)]))
+    loss = per_sample.sum() * ranks.world_size / totals[0]
+    batch_loss = ranks.sum(loss.detach().clone()) / ranks.world_size
+    return loss, batch_loss, totals[1]
+
+
 @torch.no_grad()
 def _validate(feed, criterion, classes) -> dict[str, float]:
-    """Loss and metrics on validation; predictions stay on the device until the end."""
+    """Loss and metrics on validation; predictions stay on the device until the end. Under
+    DDP each process scores its part and every process gets the whole split's metrics."""
     was_training = feed.net.training
     feed.net.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=feed.device)
-    preds, labels = [], []
+    preds = [torch.empty(0, dtype=torch.int64, device=feed.device)]
+    labels = [torch.empty(0, dtype=torch.int64, device=feed.device)]
     for x, y in feed.batches("val", train=False):
         with torch.autocast(feed.device.type, dtype=torch.bfloat16,
                             enabled=feed.device.type == "cuda"):
@@ -322,7 +379,10 @@ def _validate(feed, criterion, classes) -> dict[str, float]:
         preds.append(logits.argmax(1))
         labels.append(y)
     feed.net.train(was_training)
-    y_true, y_pred = torch.cat(labels).cpu().numpy(), torch.cat(preds).cpu().numpy()
+    ranks = feed.ranks
+    loss_sum = ranks.sum(loss_sum)
+    y_true = ranks.concat(torch.cat(labels)).cpu().numpy()
+    y_pred = ranks.concat(torch.cat(preds)).cpu().numpy()
     return {"loss": loss_sum.item() / len(y_true),
             **classification_metrics(y_true, y_pred, classes)}
 
@@ -341,9 +401,10 @@ def _class_weights(data: PreparedDataset, device: torch.device) -> torch.Tensor:
 
 
 def _resume(last_path: Path, model, optimizer, scheduler,
-            identity: dict[str, Any]) -> dict[str, Any]:
+            identity: dict[str, Any], writes: bool = True) -> dict[str, Any]:
     """Training progress from ``last_path`` when it was written for this very ``identity``;
-    a fresh start otherwise (a stale checkpoint is named in the log, never trusted)."""
+    a fresh start otherwise (a stale checkpoint is named in the log, never trusted; with
+    ``writes``, its ``best.pt`` is removed)."""
     fresh = {"epoch": 0, "best": -1.0, "trained_best": -1.0, "best_epoch": 0, "bad_epochs": 0,
              "history": [], "wall_seconds": 0.0, "diverged": None}
     if not last_path.exists():
@@ -354,7 +415,8 @@ def _resume(last_path: Path, model, optimizer, scheduler,
     if differs:
         log.warning("not resuming from %s: it was written for another %s; starting afresh",
                     last_path, " and ".join(d.replace("_", " ") for d in differs))
-        last_path.with_name("best.pt").unlink(missing_ok=True)
+        if writes:
+            last_path.with_name("best.pt").unlink(missing_ok=True)
         return fresh
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])

@@ -22,10 +22,13 @@ def lr_scales(groups: StageGroups, cfg: StageConfig) -> list[tuple[list[str], fl
     return scales
 
 
-def build_optimizer(model: nn.Module, groups: StageGroups, cfg: StageConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, groups: StageGroups, cfg: StageConfig,
+                    lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only, one param group per (layer group, decay).
 
-    Each group carries ``lr_scale``, which timm's schedulers multiply into the LR they set.
+    Each group carries ``lr_scale`` (its discriminative multiple times ``lr_scale``, the
+    global-batch rule of data-parallel runs), which timm's schedulers multiply into the LR
+    they set: warmup, peak and floor all scale.
     Biases and norm weights (1-D) get no weight decay. The model must already be on its
     device (the fused implementation needs it).
     """
@@ -38,7 +41,8 @@ def build_optimizer(model: nn.Module, groups: StageGroups, cfg: StageConfig) -> 
         for members, weight_decay in ((decayed, cfg.weight_decay), (undecayed, 0.0)):
             if members:
                 param_groups.append(
-                    {"params": members, "weight_decay": weight_decay, "lr_scale": scale}
+                    {"params": members, "weight_decay": weight_decay,
+                     "lr_scale": scale * lr_scale}
                 )
     # fused: one kernel per step, and it takes ``found_inf`` (set by the loop), with which a
     # step whose loss was not finite is skipped on the device, without a host sync.
