@@ -9,8 +9,8 @@ import os
 import uuid
 from pathlib import Path
 
-import mlflow
 import pytest
+from mlflow import MlflowClient
 
 from tests.distributed.test_ddp import finish, free_port, pod_environment, torchrun
 from thaw import storage
@@ -48,8 +48,9 @@ def test_two_nodes_train_one_stage_and_only_rank_0_writes(stack, prepared_sample
     node0_outputs = {p.name for p in (tmp_path / "node0").rglob("out/*")}
     assert {"best.pt", "result.json"} <= node0_outputs
 
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["thaw-ddp-test"], output_format="list")
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # no global state
+    experiment = client.get_experiment_by_name("thaw-ddp-test").experiment_id
+    runs = client.search_runs([experiment])
     (parent,) = [r.info.run_id for r in runs if r.data.tags.get("thaw.pipeline_run_id") == run_id
                  and "mlflow.parentRunId" not in r.data.tags]
     stages = [r.data.tags["thaw.stage"] for r in runs
