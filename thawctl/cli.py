@@ -87,7 +87,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
     summary = preprocess_step(args.source, args.output, arch=args.backbone,
                               image_size=args.image_size, seed=args.seed,
-                              max_bad_fraction=args.max_bad_fraction)
+                              max_bad_fraction=args.max_bad_fraction,
+                              num_workers=args.workers, image_format=args.image_format,
+                              shard_uri=args.shard_uri)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -136,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--image-size", type=int, default=D.image_size)
     prepare.add_argument("--seed", type=int, default=D.seed)
     prepare.add_argument("--max-bad-fraction", type=float, default=D.max_bad_fraction)
+    prepare.add_argument("--workers", type=int, default=D.preprocess_workers,
+                         help="decoding processes")
+    prepare.add_argument("--image-format", default=D.image_format,
+                         help="raw (pixels) or jpeg (about 15x smaller; large sets)")
+    prepare.add_argument("--shard-uri", default=D.shard_uri,
+                         help="with jpeg: s3:// prefix to keep the shards at (streamed)")
     prepare.set_defaults(func=_prepare)
 
     add_stack_commands(commands)

@@ -8,6 +8,7 @@ Tiny real image folders, written with PIL in tmp_path, prepared for EfficientNet
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import struct
 import types
@@ -398,3 +399,14 @@ def test_bomb_is_refused_even_with_pillows_own_check_disabled(
     with pytest.raises(BadImage, match=r"decompression bomb: 10000x9000 = 90,000,000"):
         decode_image(png(10_000, 9_000, 8, 2, None))
     assert Image.MAX_IMAGE_PIXELS is None
+
+
+def test_the_cli_prepares_jpeg_and_refuses_an_unknown_format(tmp_path: Path, capsys) -> None:
+    src = folder(tmp_path / "src", {"cat": 5, "dog": 5})
+    argv = ["prepare", str(src), str(tmp_path / "out"), "--backbone", "efficientnet_lite0",
+            "--image-size", str(SIZE), "--workers", "0"]  # fmt: skip
+    assert thaw_cli([*argv, "--image-format", "png"]) == 2
+    assert "image_format must be one of raw, jpeg, got 'png'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert thaw_cli([*argv, "--image-format", "jpeg"]) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["image_format"] == "jpeg"
