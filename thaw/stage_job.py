@@ -28,10 +28,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from thaw import storage
 from thaw.errors import ThawError
+
+if TYPE_CHECKING:  # importing it at run time would load torch for `--help`
+    from thaw.training.distributed import Distributed
 
 log = logging.getLogger("thaw.stage_job")
 FOLLOWING = ("start_timeout_s", "timeout_s", "poll_s")
@@ -75,7 +78,7 @@ def train_on_trainjob(*, prepared_uri: str, init_uri: str | None, out_dir: Path,
     their checkpoints there too, so a retried launcher's job resumes."""
     from uuid import uuid4
 
-    from thaw.steps import _stage_record, stage_checkpoint_uri
+    from thaw.steps import stage_checkpoint_uri, stage_record
     from thaw.trainjob import TrainJobRequest, run_trainjob
 
     checkpoints = stage_checkpoint_uri(pipeline_run_id, stage)
@@ -95,7 +98,7 @@ def train_on_trainjob(*, prepared_uri: str, init_uri: str | None, out_dir: Path,
         **{k: v for k, v in job.items() if k not in {**following, **counts}}, **counts)
     run_trainjob(request, log=lambda line: log.info("%s", line), **following)
     storage.download_prefix(output, Path(out_dir))
-    return _stage_record(Path(out_dir), "result.json")
+    return stage_record(Path(out_dir), "result.json")
 
 
 def _s3(uri: str) -> str:
@@ -149,7 +152,7 @@ def _node_dir(args: argparse.Namespace) -> Path:
     return Path(tempfile.gettempdir()) / f"thaw-stage-{key.hexdigest()[:16]}"
 
 
-def _on_this_node(uri: str, local: Path, ranks: Any) -> Path:
+def _on_this_node(uri: str, local: Path, ranks: Distributed) -> Path:
     """``uri`` itself when it is a folder; else its local copy, fetched by the node's first
     process while the others wait."""
     if not storage.is_s3_uri(uri):

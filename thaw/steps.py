@@ -136,7 +136,7 @@ def _train_in_processes(processes: int, prepared_dir: Path, out_dir: Path, *,
     torchrun_in_pod(processes, stage_arguments(
         prepared=str(prepared_dir), out=str(out_dir),
         init=str(init_dir) if init_dir else None, **step))
-    return _stage_record(Path(out_dir), "result.json")
+    return stage_record(Path(out_dir), "result.json")
 
 
 def _record_stage_failure(err: BaseException, run_id: str, checkpoint_uri: str | None) -> None:
@@ -199,8 +199,8 @@ def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, 
         if stage not in stage_dirs:
             continue
         stage_dir = Path(stage_dirs[stage])
-        result = _stage_record(stage_dir, "result.json")
-        run = _stage_record(stage_dir, STAGE_RUN_FILE)
+        result = stage_record(stage_dir, "result.json")
+        run = stage_record(stage_dir, STAGE_RUN_FILE)
         test = evaluate_checkpoint(stage_dir / "best.pt", data, "test")
         tracking.log_evaluation(run["run_id"], stage, test, data.manifest.classes)
         report["stages"].append({
@@ -219,7 +219,7 @@ def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, 
     return report
 
 
-def _stage_record(stage_dir: Path, name: str) -> dict[str, Any]:
+def stage_record(stage_dir: Path, name: str) -> dict[str, Any]:
     """A JSON record a training step left in its output folder."""
     path = stage_dir / name
     try:
