@@ -15,7 +15,7 @@ from thaw.backbones import create_backbone
 from thaw.config import stage_config
 from thaw.data.prepared import ImageSplit, open_prepared
 from thaw.training import distributed, train_stage
-from thaw.training.feeds import GlobalBatches, epoch_order
+from thaw.training.feeds import GlobalBatches
 
 
 def main(prepared: str, out: str, dump: str, settings: str) -> None:
@@ -37,9 +37,9 @@ def main(prepared: str, out: str, dump: str, settings: str) -> None:
             "state": {k: v.clone() for k, v in model.state_dict().items()}, "start": start,
             "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
             "frozen_bn": _frozen_batchnorm(model), "history": result.history}
-    size = len(ImageSplit(data, "train"))
-    batches = GlobalBatches(lambda epoch: epoch_order(size, settings["seed"], epoch), size,
-                            settings["batch_size"], ranks)
+    train = ImageSplit(data, "train")  # the order the feed's sampler asked it for
+    batches = GlobalBatches(lambda epoch: train.epoch_order(settings["seed"], epoch),
+                            len(train), settings["batch_size"], ranks)
     record["seen"] = []
     for epoch in range(settings["epochs"]):
         batches.epoch = epoch

@@ -318,6 +318,19 @@ def _remote_shard_infos(root: Path, manifest: Manifest) -> dict[str, ShardInfo]:
     return infos
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The random generator of training epoch ``epoch``'s order: seeded by (seed, epoch)
+    alone, like ``DistributedSampler.set_epoch``, so the order does not depend on how many
+    epochs were served before, and a resumed run and persistent DataLoader workers see the
+    same batches as an uninterrupted run."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def epoch_permutation(size: int, seed: int, epoch: int) -> list[int]:
+    """A uniform permutation of ``range(size)`` fixed by (seed, epoch)."""
+    return torch.randperm(size, generator=epoch_generator(seed, epoch)).tolist()
+
+
 class ImageSplit(Dataset):
     """One split as `(uint8 CHW tensor, int label)` samples, from memmapped raw shards or
     decoded from JPEG shards.
@@ -360,9 +373,9 @@ class ImageSplit(Dataset):
         shards in random order, taken `SHUFFLE_WINDOW_SHARDS` at a time, the samples of each
         window shuffled together (mosaicml-streaming's py1b): a reader needs only the window's
         shards in its cache, and each window holds every class (`thaw.data.shards`)."""
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         if not self.streamed:
-            return torch.randperm(len(self), generator=generator).tolist()
+            return epoch_permutation(len(self), seed, epoch)
+        generator = epoch_generator(seed, epoch)
         members = self.reader.members()
         shards = torch.randperm(len(members), generator=generator).tolist()
         order: list[int] = []

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset
 
-from thaw.data.prepared import ImageSplit, PreparedDataset
+from thaw.data.prepared import ImageSplit, PreparedDataset, epoch_permutation
 from thaw.training.distributed import SINGLE, Distributed, share
 
 # Batches each DataLoader worker keeps ready (torch's default). With the default 2 workers
@@ -107,17 +107,8 @@ def augmentation(policy: str, size: list[int]) -> BatchAugment | None:
     return BatchAugment(size, flip=policy == "crop_flip")
 
 
-def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of ``range(size)`` fixed by (seed, epoch), like
-    ``DistributedSampler.set_epoch``: it does not depend on how many epochs were served
-    before, so a resumed run and persistent DataLoader workers see the same batches as an
-    uninterrupted run."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(size, generator=generator).tolist()
-
-
 class EpochShuffle(Sampler[int]):
-    """Samples in ``epoch_order`` of the epoch set in ``epoch``."""
+    """Samples in the order ``epoch_permutation`` gives the epoch set in ``epoch``."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
@@ -125,7 +116,7 @@ class EpochShuffle(Sampler[int]):
         self.epoch = 0
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_order(self.size, self.seed, self.epoch))
+        return iter(epoch_permutation(self.size, self.seed, self.epoch))
 
     def __len__(self) -> int:
         return self.size
@@ -215,10 +206,9 @@ class ImageFeed:
             dataset = ImageSplit(self.data, split)
             if train:
                 # a streamed split orders its samples shard by shard; else a permutation
-                order = getattr(dataset, "epoch_order", None) or partial(
-                    epoch_order, len(dataset))
                 batching = {"batch_sampler": GlobalBatches(
-                    partial(order, self.seed), len(dataset), self.batch_size, self.ranks)}
+                    partial(dataset.epoch_order, self.seed), len(dataset), self.batch_size,
+                    self.ranks)}
             else:
                 # shard by shard: a streamed split is then fetched once, whatever the cache
                 order = dataset.storage_order()
