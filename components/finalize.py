@@ -4,8 +4,8 @@ from kfp.dsl import PipelineTaskFinalStatus
 
 
 def finalize(mlflow_experiment: str, pipeline_run_id: str, status: PipelineTaskFinalStatus):
-    from thaw.tracking import finish_parent_run
+    from thaw.tracking import finish_parent_run, pipeline_succeeded
 
-    succeeded = status.state == "SUCCEEDED"
+    succeeded = pipeline_succeeded(status.state)
     finish_parent_run(mlflow_experiment, pipeline_run_id, succeeded=succeeded,
                       message="" if succeeded else (status.error_message or status.state))

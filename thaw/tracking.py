@@ -243,6 +243,19 @@ def log_evaluation(run_id: str, stage: str, metrics: dict[str, Any], classes: li
         plt.close(figure)
 
 
+# The exit handler's final status ``state`` when the pipeline's tasks succeeded. A Kubeflow
+# Pipelines backend passes the MLMD execution state of the exit handler's DAG
+# (backend/src/v2/driver/resolve.go at 2.14.0-2.17.0, GetLastKnownState().String(): COMPLETE,
+# CACHED, FAILED or CANCELED); kfp.local passes its own SUCCEEDED or FAILED (kfp 2.17.0,
+# kfp/local/orchestrator/orchestrator_utils.py).
+SUCCESSFUL_FINAL_STATES = frozenset({"COMPLETE", "CACHED", "SUCCEEDED"})
+
+
+def pipeline_succeeded(final_state: str) -> bool:
+    """Whether an exit handler's final status ``state`` says the pipeline succeeded."""
+    return final_state in SUCCESSFUL_FINAL_STATES
+
+
 @tracking_errors("end the pipeline's parent run")
 def finish_parent_run(experiment: str, pipeline_run_id: str, succeeded: bool,
                       message: str = "") -> None:

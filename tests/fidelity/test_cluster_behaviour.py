@@ -3,7 +3,9 @@ every step in a fresh bubblewrap sandbox that sees only its own staged artifacts
 
 These fail on the behaviour before the fixes (commit aba7f74): register opened another
 step's checkpoint paths; a retried training step restarted from epoch 0; preprocess was a
-cache hit on a changed bucket; input errors were retried.
+cache hit on a changed bucket; input errors were retried. And before issue 17, every run was
+closed in MLflow as FAILED: the exit handler compared the backend's final state (COMPLETE,
+``backend/src/v2/driver/resolve.go`` at 2.14.0-2.17.0) with kfp.local's SUCCEEDED.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mlflow import MlflowClient
 
 from thaw import storage
 from thaw.checkpoint import load_checkpoint
+from thaw.tracking import PIPELINE_RUN_TAG
 from thawctl.local_run import IsolatedRunFailed, run_isolated
 
 pytestmark = [pytest.mark.fidelity, pytest.mark.slow]
@@ -42,6 +45,15 @@ def baseline(fidelity_names, quick_retry_settings, tmp_path_factory):
     return outcome
 
 
+def _parent_run(experiment: str, pipeline_run_id: str):
+    """The MLflow parent run of one pipeline run."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    [parent] = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'")
+    return parent
+
+
 def _stage_output(outcome, task: str, tmp: Path) -> tuple[dict, dict]:
     """(result.json, best.pt payload) of a training task's uploaded model artifact."""
     import json
@@ -54,11 +66,22 @@ def _stage_output(outcome, task: str, tmp: Path) -> tuple[dict, dict]:
 def test_register_works_from_its_own_input_artifacts(baseline, fidelity_names):
     run = baseline["pipeline_run"]
     assert run.state == "SUCCEEDED"
-    assert all(t.state == "SUCCEEDED" for t in run.tasks.values()), run.tasks
+    assert all(t.state == "COMPLETE" for t in run.tasks.values()), run.tasks
     champion = MlflowClient().get_model_version_by_alias(fidelity_names["model_name"],
                                                          "champion")
     assert champion.version == baseline["version"]
     assert champion.tags["thaw.stage"] == baseline["stage"]
+
+
+def test_a_successful_run_is_closed_in_mlflow_as_finished(baseline, fidelity_names):
+    """The exit handler receives COMPLETE, the MLMD state of its DAG
+    (``backend/src/v2/driver/resolve.go``, ``metadata/client.go`` UpdateDAGExecutionsState
+    at 2.14.0-2.17.0), and closes the parent run FINISHED."""
+    run = baseline["pipeline_run"]
+    assert run.tasks["exit-handler-1"].state == "COMPLETE"  # what the exit handler receives
+    assert run.tasks["finalize"].state == "COMPLETE"
+    parent = _parent_run(fidelity_names["mlflow_experiment"], run.run_id)
+    assert parent.info.status == "FINISHED"
 
 
 def test_a_killed_training_step_resumes_from_s3_and_ends_as_if_uninterrupted(
@@ -77,7 +100,9 @@ def test_a_killed_training_step_resumes_from_s3_and_ends_as_if_uninterrupted(
                 keys = [k for k in storage.list_s3_objects(checkpoints)
                         if k.endswith("/partial/last.pt") and baseline_id not in k]
                 if keys:
-                    process.kill()  # SIGKILL mid-stage, as a lost node would
+                    # SIGKILL mid-stage, as the OOM killer would: exit 137, a Failed
+                    # node, which Argo's OnFailure retries (a deleted pod is an Error: not)
+                    process.kill()
                     killed.append(keys[0])
                     return
                 time.sleep(0.2)
@@ -118,8 +143,12 @@ def test_a_changed_bucket_is_no_cache_hit_and_input_errors_are_not_retried(
     with pytest.raises(IsolatedRunFailed, match="probe") as failure:
         run_isolated(bad, tmp_path / "work", engine="bwrap", settings_file=quick_retry_settings)
     tasks = failure.value.result.tasks
-    assert tasks[PREPROCESS].state == "SUCCEEDED", "new bucket content must be preprocessed"
+    assert tasks[PREPROCESS].state == "COMPLETE", "new bucket content must be preprocessed"
     probe = tasks["exit-handler-1/train"]
     assert probe.state == "FAILED" and probe.attempts == 3
     assert "not retrying: an earlier attempt failed on its input" in probe.error
-    assert tasks["finalize"].state == "SUCCEEDED"
+    assert tasks["exit-handler-1"].state == "FAILED"
+    assert tasks["finalize"].state == "COMPLETE"
+    parent = _parent_run(bad["mlflow_experiment"], failure.value.result.run_id)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["thaw.error"] == "FAILED"  # the backend sends no message
