@@ -6,12 +6,17 @@ from (credentials are referenced by name only, never written into the YAML), GPU
 and scheduling (node selector and tolerations on GPU steps only), resources, retries and
 caching per step. ``infra/cluster.example.yaml`` documents every field.
 
+What the Kubeflow Pipelines backend would only find out at run time is refused here, naming
+the field: Kubernetes quantities the driver parses with ``resource.MustParse`` (a bad one panics
+the driver), backoff factors Argo cannot read as an integer, retry windows no retry fits in.
+
 Pure standard library + PyYAML, so pipelines compile on a machine without torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +33,20 @@ STEP_KINDS = ("source_version", "preprocess", "train", "launcher", "evaluate", "
 GPU_STEPS = ("train", "evaluate", "register")  # register scores stages and champion
 TOLERATION_OPERATORS = ("Equal", "Exists")
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# Kubernetes' quantity grammar (apimachinery pkg/api/resource/quantity.go), without a sign. The
+# KFP driver parses emptyDir size limits with resource.MustParse, which panics on anything else
+# (kubeflow/pipelines backend/src/v2/driver/k8s.go at 2.14.0-2.17.0).
+QUANTITY = re.compile(r"(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[mkMGTPE]|[eE][+-]?\d+)?")
+# Within that grammar, what the KFP SDK's set_cpu_limit / set_memory_limit accept
+# (kfp/dsl/pipeline_task.py, kfp 2.17): the SDK takes a memory of "16K", Kubernetes wants "16k".
+CPU = re.compile(r"(\d*\.)?\d+m?")
+MEMORY_UNITS = {"Ei": 2**60, "E": 10**18, "Pi": 2**50, "P": 10**15, "Ti": 2**40, "T": 10**12,
+                "Gi": 2**30, "G": 10**9, "Mi": 2**20, "M": 10**6, "Ki": 2**10, "k": 10**3}
+MEMORY = re.compile(r"(\d+)(" + "|".join(MEMORY_UNITS) + ")?")
+# Durations as the KFP SDK's set_retry reads them, in the one spelling thaw takes.
+DURATION = re.compile(r"(\d+)([smhdw])")
+SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+SHM_SHARE_OF_MEMORY = 4  # /dev/shm defaults to a quarter of the step's memory limit
 
 
 class SettingsError(ValueError):
@@ -36,12 +55,33 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Retry:
-    """KFP's retry policy for a step (``set_retry``)."""
+    """KFP's retry policy for a step (``set_retry``), as the backend hands it to Argo Workflows
+    (kubeflow/pipelines ``backend/src/v2/compiler/argocompiler/container.go``, 2.14.0-2.17.0;
+    Argo ``workflow/controller/operator.go`` ``processNodeRetries``, v3.6.7-v4.0.5):
+
+    - ``backoff_duration``: the wait before the first retry; each later wait is
+      ``backoff_factor`` times the one before.
+    - ``backoff_factor``: a whole number. Argo reads ``backoff.factor`` as an integer
+      (``util/intstr/parametrizable.go``): 1.5 errors the step instead of retrying it.
+    - ``backoff_max_duration``: a WINDOW counted from the start of the step's FIRST attempt, not
+      a cap on one wait: no retry starts once it has passed (nor one whose wait would end after
+      it), and a retry still running when it closes is killed. ``None`` (the default) sizes it
+      to the step's time budget: ``num_retries + 1`` attempts of ``training.timeout_s`` (plus
+      ``training.start_timeout_s`` for launchers) and the waits between them.
+    - Only a Failed attempt (non-zero exit) is retried: KFP sets no Argo ``retryPolicy``, so
+      Argo's default ``OnFailure`` leaves a node in Error unretried, e.g. a pod deleted with a
+      drained or lost node (kubeflow/pipelines#13386; infra/README.md says what to do).
+    """
 
     num_retries: int = 0
     backoff_duration: str = "60s"
     backoff_factor: float = 2.0
-    backoff_max_duration: str = "3600s"
+    backoff_max_duration: str | None = None
+
+    def waits_s(self) -> list[int]:
+        """The wait before each retry, in seconds."""
+        first = duration_s(self.backoff_duration)
+        return [int(first * self.backoff_factor**n) for n in range(self.num_retries)]
 
 
 @dataclass(frozen=True)
@@ -66,12 +106,17 @@ class Toleration:
 
 @dataclass(frozen=True)
 class Gpu:
-    """What the GPU steps (train, evaluate, register) request and where they may be scheduled."""
+    """What the GPU steps (train, evaluate, register) request and where they may be scheduled.
+
+    ``shm_size`` limits the memory-backed emptyDir at /dev/shm through which DataLoader workers
+    hand over batches. Its pages count against the step's memory limit, so it must stay below
+    it; ``None`` (the default) gives a quarter of the step's memory limit."""
 
     resource: str = "nvidia.com/gpu"
     count: int = 1
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[Toleration] = field(default_factory=list)
+    shm_size: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +129,8 @@ class Training:
     ``launcher``: no GPU) that runs the stage as a Kubeflow Trainer TrainJob of ``num_nodes``
     nodes x ``gpus_per_node`` GPUs on runtime ``trainer_runtime``, which must start within
     ``start_timeout_s`` and finish within ``timeout_s``; its nodes get the ``train`` step's
-    CPU and memory and the GPU node selector and tolerations."""
+    CPU and memory and the GPU node selector and tolerations. ``timeout_s`` is also the time
+    budget of one attempt of a retried step: it sizes the default retry window (``Retry``)."""
 
     gpus_per_node: int = 1
     num_nodes: int = 1
@@ -126,6 +172,42 @@ class ClusterSettings:
 
     def step(self, kind: str) -> Step:
         return self.steps[kind]
+
+    def retry_window(self, kind: str) -> str:
+        """The step's ``backoff_max_duration``: as set, or long enough for every attempt to
+        run its whole time budget and every wait between them."""
+        retry = self.step(kind).retry
+        if retry.backoff_max_duration is not None:
+            return retry.backoff_max_duration
+        budget = self.training.timeout_s
+        if kind == "launcher":
+            budget += self.training.start_timeout_s
+        return f"{(retry.num_retries + 1) * budget + sum(retry.waits_s())}s"
+
+    def shm_size(self, kind: str) -> str | None:
+        """The size limit of a GPU step's /dev/shm (None: the step has no memory limit)."""
+        memory = self.step(kind).memory
+        if self.gpu.shm_size is not None or memory is None:
+            return self.gpu.shm_size
+        return _memory_text(memory_bytes(memory) // SHM_SHARE_OF_MEMORY)
+
+
+def duration_s(duration: str) -> int:
+    """Seconds of a duration such as ``90s``, ``15m``, ``6h``, ``2d`` or ``1w``."""
+    number, unit = DURATION.fullmatch(duration).groups()
+    return int(number) * SECONDS_PER_UNIT[unit]
+
+
+def memory_bytes(memory: str) -> int:
+    """Bytes of a memory limit such as ``32G`` or ``30Gi``."""
+    number, unit = MEMORY.fullmatch(memory).groups()
+    return int(number) * MEMORY_UNITS.get(unit, 1)
+
+
+def _memory_text(size: int) -> str:
+    """``size`` bytes in the largest unit that holds it exactly (``8G``, ``7680Mi``)."""
+    unit = next((u for u, b in MEMORY_UNITS.items() if size % b == 0), "")
+    return f"{size // MEMORY_UNITS.get(unit, 1)}{unit}"
 
 
 def load_settings(path: str | Path | None) -> ClusterSettings:
@@ -239,9 +321,57 @@ def _check(settings: ClusterSettings, where: str) -> None:
             problems.append(f"gpu.tolerations[{i}].effect must be one of "
                             f"{TOLERATION_EFFECTS}, got {tol.effect!r}")
     for kind, step in settings.steps.items():
-        if step.retry.num_retries < 0:
-            problems.append(f"steps.{kind}.retry.num_retries must be >= 0")
-        if step.retry.backoff_factor < 1:
-            problems.append(f"steps.{kind}.retry.backoff_factor must be >= 1")
+        problems += _quantity_problems(f"steps.{kind}", step)
+        problems += _retry_problems(f"steps.{kind}.retry", step.retry)
+    problems += _shm_problems(settings)
     if problems:
         raise SettingsError(f"{where}: " + "; ".join(problems))
+
+
+def _quantity_problems(where: str, step: Step) -> list[str]:
+    """Kubernetes quantities the KFP SDK or the driver would refuse only at compile or run time."""
+    checks = (("cpu", CPU, "a CPU quantity such as 4, 0.5 or 500m"),
+              ("memory", MEMORY, "a memory quantity such as 32G or 30Gi"),
+              ("scratch", QUANTITY, "a Kubernetes quantity such as 100Gi (the KFP driver "
+                                    "panics on any other: resource.MustParse)"))
+    return [f"{where}.{name} must be {what}, got {getattr(step, name)!r}"
+            for name, pattern, what in checks
+            if getattr(step, name) is not None and not pattern.fullmatch(getattr(step, name))]
+
+
+def _retry_problems(where: str, retry: Retry) -> list[str]:
+    problems = []
+    if retry.num_retries < 0:
+        problems.append(f"{where}.num_retries must be >= 0")
+    if retry.backoff_factor < 1 or not float(retry.backoff_factor).is_integer():
+        problems.append(f"{where}.backoff_factor must be a whole number >= 1, got "
+                        f"{retry.backoff_factor}: Argo reads retryStrategy.backoff.factor as an "
+                        "integer and errors the step on any other")
+    durations = {"backoff_duration": retry.backoff_duration,
+                 "backoff_max_duration": retry.backoff_max_duration}
+    malformed = [name for name, value in durations.items()
+                 if value is not None and not DURATION.fullmatch(value)]
+    problems += [f"{where}.{name} must be a duration such as 90s, 15m, 6h or 2d, got "
+                 f"{durations[name]!r}" for name in malformed]
+    window = retry.backoff_max_duration
+    if (not malformed and window is not None and retry.num_retries
+            and duration_s(window) <= duration_s(retry.backoff_duration)):
+        problems.append(f"{where}.backoff_max_duration is a window counted from the first "
+                        f"attempt's start: {window} leaves no room for a retry after a wait of "
+                        f"{retry.backoff_duration}; leave it out to size it to the step's budget")
+    return problems
+
+
+def _shm_problems(settings: ClusterSettings) -> list[str]:
+    """/dev/shm is memory-backed: its pages count against the step's memory limit."""
+    shm = settings.gpu.shm_size
+    if shm is None or not settings.gpu.count:
+        return []
+    if not MEMORY.fullmatch(shm):
+        return [f"gpu.shm_size must be a memory quantity such as 8G or 8Gi, got {shm!r}"]
+    memories = {kind: settings.step(kind).memory for kind in GPU_STEPS}
+    return [f"gpu.shm_size ({shm}) must be below steps.{kind}.memory ({memory}): /dev/shm "
+            "counts against the step's memory limit"
+            for kind, memory in memories.items()
+            if memory is not None and MEMORY.fullmatch(memory)
+            and memory_bytes(shm) >= memory_bytes(memory)]

@@ -12,10 +12,17 @@ from thaw.config import DEFAULT_STAGES, DISTRIBUTED_ENV
 from thaw.config import PIPELINE_DEFAULTS as D
 
 PIPELINE_NAME = "thaw-staged-transfer"
-# The exit handler takes a dsl.PipelineTaskFinalStatus input, which KFP backends accept from
-# 2.6.0 on (kubeflow/pipelines#11953); older ones refuse the run ("task final status not
-# supported yet"). Stated in README.md and infra/README.md, and in the spec's description.
-MIN_KFP_BACKEND = "2.6.0"
+# The oldest Kubeflow Pipelines backend that runs the compiled spec as written, read in
+# kubeflow/pipelines at the release tags (tests/pipeline/test_backend_compat.py parses the spec
+# with each release's protos). 2.5.0 (the release before; Kubeflow 1.10.1 and 1.10.2 ship it)
+# refuses the run: its Argo compiler knows no task final status, the exit handler's input
+# (backend/src/v2/compiler/argocompiler/dag.go: "task final status not supported yet"), and it
+# reads retry policies from the root DAG only, so no step inside the exit handler would be
+# retried (container.go; kubeflow/pipelines#11908). 2.14.x parses the Kubernetes platform spec
+# strictly and lacks SecretAsEnv/ConfigMapAsEnv.optional (added in 2.15.0, #12216, #12495):
+# _configure leaves out the SDK's `optional: false`, the default. Stated in README.md,
+# infra/README.md and the spec's description.
+MIN_KFP_BACKEND = "2.14.0"
 STAGE_TITLES = {"probe": "probe: head only", "partial": "partial: last stage + head",
                 "full": "full: all layers, discriminative LRs"}
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
@@ -48,7 +55,7 @@ def _configure(task: dsl.PipelineTask, kind: str, cfg: ClusterSettings,
         task.set_retry(num_retries=step.retry.num_retries,
                        backoff_duration=step.retry.backoff_duration,
                        backoff_factor=step.retry.backoff_factor,
-                       backoff_max_duration=step.retry.backoff_max_duration)
+                       backoff_max_duration=cfg.retry_window(kind))
     task.set_caching_options(step.cache)
     if kind in GPU_STEPS and cfg.gpu.count:
         task.set_accelerator_type(cfg.gpu.resource).set_accelerator_limit(gpus or cfg.gpu.count)
@@ -59,11 +66,23 @@ def _configure(task: dsl.PipelineTask, kind: str, cfg: ClusterSettings,
                                       value=tol.value, effect=tol.effect)
         # DataLoader workers share batches through /dev/shm, 64 MB by default in a pod.
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
-                                   medium="Memory")
+                                   medium="Memory", size_limit=cfg.shm_size(kind))
     if gpus and gpus > 1:
         for name, value in DISTRIBUTED_ENV.items():
             task.set_env_variable(name, value)
+    _omit_default_optional(task)
     return task
+
+
+def _omit_default_optional(task: dsl.PipelineTask) -> None:
+    """Drop the ``optional: false`` kfp-kubernetes writes into every secretAsEnv and
+    configMapAsEnv entry. False is the proto default, and the backends that know the field
+    (2.15.0 on) treat it absent as false (backend/src/v2/driver/k8s.go); 2.14.x does not know
+    it and refuses the run (argocompiler/container.go parses the config strictly)."""
+    config = task.platform_config["kubernetes"]
+    for entry in (*config.get("secretAsEnv", []), *config.get("configMapAsEnv", [])):
+        if entry.get("optional") is False:
+            del entry["optional"]
 
 
 def _config_keys(cfg: ClusterSettings) -> list[str]:
