@@ -1,9 +1,11 @@
 """The Kubeflow Pipelines API, through the kfp SDK client (``kfp.Client``, v2beta1 REST).
 
 What thaw needs and the SDK leaves to its caller: the backend's version checked before
-anything is sent (healthz's ``tag_name``), pipeline versions that are idempotent (named by
-the compiled spec's hash and looked up before uploading, since ``upload_pipeline_version``
-raises on a duplicate name), and API errors as one readable line.
+anything is sent (from healthz, whichever of the two hosts answers it: ``backend_health``),
+pipeline versions that are idempotent (named by the compiled spec's hash and looked up before
+uploading, since ``upload_pipeline_version`` raises on a duplicate name), the compiled spec's
+pipeline root set on every run (the backend never reads it from the spec), and API errors as
+one readable line.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ from typing import Any
 
 from thaw.errors import ThawError
 from thawctl.compiled import CompiledPipeline
+from thawctl.kfp_tasks import SpecTask, stages
 
 IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+# where a single-user install runs its pods (manifests/kustomize/env/platform-agnostic)
+SINGLE_USER_NAMESPACE = "kubeflow"
 SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
+# v2beta1 RuntimeState values no run leaves (backend/api/v2beta1/run.proto): PENDING, RUNNING,
+# CANCELING and PAUSED go on; RUNTIME_STATE_UNSPECIFIED is what an unknown Argo phase becomes
 FINAL_STATES = ("SUCCEEDED", "SKIPPED", "FAILED", "CANCELED")
 FOLLOW_RETRIES = 5  # API errors in a row that --wait rides out
 _VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
@@ -74,9 +81,48 @@ class PipelineVersion:
     created: bool
 
 
+@dataclass(frozen=True)
+class BackendHealth:
+    """What ``/apis/v2beta1/healthz`` tells: the API server's version tag (None: not known)
+    and whether it is multi-user; ``answered_by`` says which server answered."""
+
+    tag: str | None
+    multi_user: bool
+    answered_by: str
+
+
 def parse_version(tag: str) -> tuple[int, int, int] | None:
     match = _VERSION.match(tag.strip())
     return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def backend_health(answer: Any) -> BackendHealth | None:
+    """healthz as either host answers it; None when it is neither answer.
+
+    The API server (``ml-pipeline``) writes ``commit_sha``, ``tag_name``, ``multi_user`` (and
+    from 2.14.0 ``pipeline_store``): ``backend/src/apiserver/main.go`` at 2.5.0-2.17.0, where
+    ``tag_name`` is the image's TAG_NAME, ``"unknown"`` unless the build sets it (the release
+    builds do from 2.16.0 on: ``.github/workflows/build-and-push.yml``). The Kubeflow gateway's
+    ``.../pipeline`` goes to the UI server (``ml-pipeline-ui``), which answers healthz itself
+    (``frontend/server/app.ts`` and ``handlers/healthz.ts``, 2.5.0-2.17.0): the API server's
+    answer renamed to ``apiServerTagName``, ``apiServerCommitHash``, ``apiServerMultiUser`` /
+    ``multi_user``, ``apiServerReady``, and only the UI's build keys when the API server did not
+    answer it within a second."""
+    if not isinstance(answer, dict):
+        return None
+    if "tag_name" in answer:
+        return BackendHealth(_known(answer["tag_name"]), answer.get("multi_user") is True,
+                             "the API server")
+    if "apiServerReady" in answer or "apiServerTagName" in answer:
+        multi_user = answer.get("apiServerMultiUser") is True or answer.get("multi_user") is True
+        return BackendHealth(_known(answer.get("apiServerTagName")), multi_user,
+                             "the UI server" if answer.get("apiServerReady") else
+                             "the UI server, which could not reach the API server")
+    return None
+
+
+def _known(tag: Any) -> str | None:
+    return str(tag) if tag and parse_version(str(tag)) is not None else None
 
 
 @contextlib.contextmanager
@@ -132,8 +178,9 @@ class Kfp:
 
     # -- connecting -------------------------------------------------------------------
     def _check_backend(self, token: str | None, min_backend: str) -> tuple[str, bool]:
-        """healthz's ``tag_name`` and ``multi_user`` (the SDK's model drops ``tag_name``, so
-        the raw answer is read)."""
+        """The backend's version ("unknown" when healthz does not tell it) and whether it is
+        multi-user, read from healthz's raw answer (the SDK's model knows neither form of the
+        version): a version below ``min_backend`` is refused, an unknown one only warned of."""
         import kfp_server_api
 
         config = kfp_server_api.Configuration(host=self.host)
@@ -144,21 +191,24 @@ class Kfp:
         with api_errors("checking the backend (healthz)", self.host):
             answer = api.healthz_service_get_healthz(_preload_content=False)
         try:
-            health = json.loads(answer.data)
-            tag, multi_user = str(health["tag_name"]), health.get("multi_user") is True
-        except (ValueError, KeyError, TypeError) as err:
+            health = backend_health(json.loads(answer.data))
+        except ValueError:
+            health = None
+        if health is None:
             raise ThawError(f"{self.host}/apis/v2beta1/healthz did not answer as the KFP API "
                             "does (a login page? set KFP_TOKEN); check --host, e.g. "
-                            "https://kubeflow.example.com/pipeline") from err
-        found, needed = parse_version(tag), parse_version(min_backend)
-        if found is None:
-            print(f"thaw: warning: the KFP backend at {self.host} reports version {tag!r}; "
-                  f"thaw needs >= {min_backend}", file=sys.stderr)
-        elif needed is not None and found < needed:
-            raise ThawError(f"the Kubeflow Pipelines backend at {self.host} is {tag}; thaw needs "
-                            f">= {min_backend} (older backends refuse its exit handler with "
-                            "'task final status not supported yet'): upgrade Kubeflow Pipelines")
-        return tag, multi_user
+                            "https://kubeflow.example.com/pipeline")
+        if health.tag is None:
+            print(f"thaw: warning: the Kubeflow Pipelines version at {self.host} cannot be "
+                  f"known ({health.answered_by} does not report it: official API-server images "
+                  f"before 2.16.0 say 'unknown'); thaw needs >= {min_backend}, and an older "
+                  "backend refuses the run when it starts", file=sys.stderr)
+            return "(version unknown)", health.multi_user
+        found, needed = parse_version(health.tag), parse_version(min_backend)
+        if needed is not None and found is not None and found < needed:
+            raise ThawError(f"the Kubeflow Pipelines backend at {self.host} is {health.tag}; "
+                            f"thaw needs >= {min_backend}: upgrade Kubeflow Pipelines")
+        return health.tag, health.multi_user
 
     def _client(self, token: str | None, token_file: Path | None) -> Any:
         import kfp
@@ -264,16 +314,20 @@ class Kfp:
         return experiment.experiment_id
 
     def start_run(self, experiment_id: str, run_name: str, version: PipelineVersion,
-                  parameters: dict[str, Any]) -> str:
+                  parameters: dict[str, Any], pipeline_root: str | None) -> str:
+        """Start a run of ``version``; ``pipeline_root`` (the compiled spec's) is sent as
+        ``runtime_config.pipeline_root``, since the backend takes a run's root from there, else
+        from the kfp-launcher ConfigMap, else ``minio://mlpipeline/v2/artifacts``, and never
+        from the spec (``backend/src/v2/driver/root_dag.go``, 2.14.0-2.17.0)."""
         run = self.call("starting the run", self.client.run_pipeline, experiment_id,
                         run_name, params=parameters, pipeline_id=version.pipeline_id,
-                        version_id=version.version_id)
+                        version_id=version.version_id, pipeline_root=pipeline_root)
         return run.run_id
 
-    def follow(self, run_id: str, *, poll_s: float, timeout_s: float | None,
-               echo: Callable[[str], None]) -> Any:
-        """Poll the run until it ends, echoing a line whenever a task changes state;
-        return the final run (``V2beta1Run``)."""
+    def follow(self, run_id: str, tasks: list[SpecTask], *, poll_s: float,
+               timeout_s: float | None, echo: Callable[[str], None]) -> Any:
+        """Poll the run until it ends, echoing a line whenever one of ``tasks`` (the compiled
+        spec's) changes state; return the final run (``V2beta1Run``)."""
         seen: dict[str, str] = {}
         started = time.monotonic()
         failures = 0
@@ -289,37 +343,17 @@ class Kfp:
                 echo(f"  (KFP API error, looking again: {err})")
                 time.sleep(poll_s)
                 continue
-            for task in _tasks(run):
-                key = task.task_id or task.display_name
-                if seen.get(key) != task.state:
-                    seen[key] = task.state
-                    note = f": {task.error.message}" if task.error and task.error.message else ""
-                    echo(f"  {time.strftime('%H:%M:%S')} {task.display_name:<40} "
-                         f"{task.state}{note}")
+            for stage in stages(run, tasks):
+                state = stage.describe()
+                if stage.state is not None and seen.get(stage.task.name) != state:
+                    seen[stage.task.name] = state
+                    echo(f"  {time.strftime('%H:%M:%S')} {stage.task.title:<40} {state}")
             if run.state in FINAL_STATES:
                 return run
             if timeout_s is not None and time.monotonic() - started > timeout_s:
                 raise ThawError(f"run {run_id} is still {run.state} after {timeout_s:.0f} s; "
                                 f"follow it at {self.run_url(run_id)}")
             time.sleep(poll_s)
-
-
-def failure(run: Any) -> str:
-    """Which task failed and why, from the run's task details (leaf tasks first)."""
-    failed = [t for t in _tasks(run) if t.state == "FAILED"]
-    with_message = [t for t in failed if t.error and t.error.message]
-    leaves = [t for t in with_message if not t.child_tasks]
-    task = (leaves or with_message or failed or [None])[0]
-    run_message = run.error.message if run.error and run.error.message else ""
-    if task is None:
-        return f"run {run.run_id} {run.state}" + (f": {run_message}" if run_message else "")
-    message = task.error.message if task.error and task.error.message else run_message
-    return (f"run {run.run_id} {run.state} at task {task.display_name!r}"
-            + (f": {message}" if message else ""))
-
-
-def _tasks(run: Any) -> list[Any]:
-    return list(run.run_details.task_details or []) if run.run_details else []
 
 
 def name_filter(name: str) -> str:

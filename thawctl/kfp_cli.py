@@ -7,8 +7,11 @@ import functools
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from thawctl.compiled import (
     CompiledPipeline,
@@ -20,7 +23,9 @@ from thawctl.compiled import (
 )
 from thawctl.cron import HELP as CRON_HELP
 from thawctl.cron import check_cron
-from thawctl.kfp_api import Connection, Kfp, PipelineVersion, failure
+from thawctl.env_sources import EnvSource, check_env_sources, env_sources
+from thawctl.kfp_api import SINGLE_USER_NAMESPACE, Connection, Kfp, PipelineVersion
+from thawctl.kfp_tasks import SpecTask, failure, spec_tasks
 
 echo = functools.partial(print, flush=True)
 _CRON_LINES = ('cron: six fields, seconds first, in UTC: "0 0 3 * * *" is every day at 03:00:00,\n'
@@ -33,7 +38,11 @@ KFP_NAMESPACE: your Kubeflow profile; leave it out on a single-user install), a 
 in KFP_TOKEN, else the service-account token file that KF_PIPELINES_SA_TOKEN_PATH names
 (default /var/run/secrets/kubeflow/pipelines/token) when it exists. A backend older than
 the pipeline needs (MIN_KFP_BACKEND in pipelines/thaw_pipeline.py) is refused before
-anything is sent."""
+anything is sent; one that does not report its version (official images before 2.16.0) is
+warned of. --host may be the Kubeflow gateway (…/pipeline, the UI server) or the API server.
+Every run gets the compiled spec's pipeline root (the backend ignores the spec's own). Where
+the Kubernetes API is reachable (in-cluster or kubeconfig), the Secret and ConfigMap keys the
+steps read are checked first in the namespace (default kubeflow on a single-user install)."""
 
 SUBMIT_HELP = """\
 Compiles the pipeline (as `thaw compile`), uploads it as a version of the named pipeline
@@ -54,9 +63,10 @@ no catch-up.
 
 {cron}
 
-create with a name that exists: nothing happens when cron, version and parameters are the
-same; otherwise it is refused and says what differs, unless --replace, which deletes the old
-recurring run and creates the new one (KFP cannot update a recurring run in place).
+create with a name that exists: nothing happens when cron, version, parameters and
+pipeline root are the same; otherwise it is refused and says what differs, unless --replace,
+which deletes the old recurring run and creates the new one (KFP cannot update a recurring
+run in place). KFP keeps no name unique: a name several recurring runs share is refused.
 
 """ + CONNECTION_HELP
 
@@ -142,13 +152,40 @@ def _connect(args: argparse.Namespace) -> Kfp:
     return kfp
 
 
-def _prepare(args: argparse.Namespace) -> tuple[CompiledPipeline, dict[str, Any], str]:
+@dataclass(frozen=True)
+class Prepared:
+    """The compiled pipeline, the run's checked parameters, the image, and what the spec's
+    two documents tell the cluster commands: the pipeline root (None: the cluster's default),
+    the container tasks and the Secrets and ConfigMaps they read."""
+
+    compiled: CompiledPipeline
+    parameters: dict[str, Any]
+    image: str
+    pipeline_root: str | None
+    tasks: list[SpecTask]
+    env_sources: list[EnvSource]
+
+
+def _prepare(args: argparse.Namespace) -> Prepared:
     """Compile, type and check the parameters before talking to the cluster: input errors
     first."""
     settings = cluster_settings(args.config, args.image)
     compiled = compile_spec(settings)
     raw = {**read_params_file(args.params_file), **split_pairs(args.param)}
-    return compiled, checked_parameters(raw, compiled), settings.image
+    spec, *platform = yaml.safe_load_all(compiled.text)
+    return Prepared(compiled, checked_parameters(raw, compiled), settings.image,
+                    spec.get("defaultPipelineRoot") or None, spec_tasks(spec),
+                    env_sources(platform[0] if platform else {}))
+
+
+def _namespace(kfp: Kfp) -> str:
+    return kfp.namespace or SINGLE_USER_NAMESPACE
+
+
+def _pipeline_root_line(root: str | None) -> str:
+    return (f"pipeline root {root} (the compiled spec's)" if root else
+            "pipeline root: the cluster's default (the kfp-launcher ConfigMap, else "
+            "minio://mlpipeline/v2/artifacts)")
 
 
 def _upload(kfp: Kfp, args: argparse.Namespace, compiled: CompiledPipeline,
@@ -162,21 +199,26 @@ def _upload(kfp: Kfp, args: argparse.Namespace, compiled: CompiledPipeline,
 
 
 def _submit(args: argparse.Namespace) -> int:
-    compiled, parameters, image = _prepare(args)
+    prepared = _prepare(args)
     kfp = _connect(args)
-    version = _upload(kfp, args, compiled, image)
+    check_env_sources(prepared.env_sources, _namespace(kfp), echo)
+    version = _upload(kfp, args, prepared.compiled, prepared.image)
     experiment = kfp.experiment_id(args.experiment)
     name = args.run_name or f"thaw {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    run_id = kfp.start_run(experiment, name, version, parameters)
-    echo(f"run {run_id} started in experiment {args.experiment}, parameters {parameters}")
+    run_id = kfp.start_run(experiment, name, version, prepared.parameters,
+                           prepared.pipeline_root)
+    echo(f"run {run_id} started in experiment {args.experiment}, parameters "
+         f"{prepared.parameters}, {_pipeline_root_line(prepared.pipeline_root)}")
     echo(f"  {kfp.run_url(run_id)}")
     if not args.wait:
         return 0
-    run = kfp.follow(run_id, poll_s=args.poll_interval, timeout_s=args.timeout, echo=echo)
+    run = kfp.follow(run_id, prepared.tasks, poll_s=args.poll_interval,
+                     timeout_s=args.timeout, echo=echo)
     if run.state == "SUCCEEDED":
         echo(f"run {run_id} SUCCEEDED: {kfp.run_url(run_id)}")
         return 0
-    print(f"thaw: error: {failure(run)} ({kfp.run_url(run_id)})", file=sys.stderr)
+    print(f"thaw: error: {failure(run, prepared.tasks, _namespace(kfp))} "
+          f"({kfp.run_url(run_id)})", file=sys.stderr)
     return 1
 
 
@@ -184,14 +226,16 @@ def _schedule_create(args: argparse.Namespace) -> int:
     from thawctl.schedule import Schedule, create
 
     cron = check_cron(args.cron)
-    compiled, parameters, image = _prepare(args)
+    prepared = _prepare(args)
     kfp = _connect(args)
-    version = _upload(kfp, args, compiled, image)
+    check_env_sources(prepared.env_sources, _namespace(kfp), echo)
+    version = _upload(kfp, args, prepared.compiled, prepared.image)
     schedule = Schedule(args.name, cron, kfp.experiment_id(args.experiment), version,
-                        parameters)
+                        prepared.parameters, prepared.pipeline_root)
     outcome, run = create(kfp, schedule, replace=args.replace)
     echo(f"recurring run {args.name} {outcome} ({run.recurring_run_id}): cron {cron!r}, "
-         f"version {version.name}, max_concurrency 1, no catch-up, parameters {parameters}")
+         f"version {version.name}, max_concurrency 1, no catch-up, parameters "
+         f"{prepared.parameters}, {_pipeline_root_line(prepared.pipeline_root)}")
     if run.mode == "DISABLE":
         echo(f"  it is paused: `thaw schedule resume {args.name}` starts it again")
     return 0

@@ -4,7 +4,10 @@ Every schedule thaw creates runs a pinned pipeline version (never "the latest"),
 ``max_concurrency`` 1 (a slow run is never overlapped by the next) and ``no_catchup`` (after
 a pause, one run instead of one per missed slot). KFP has no update call for recurring
 runs, so creating one whose name exists is a no-op when nothing differs, refused when
-something does, and with ``replace`` a delete and a new create.
+something does, and with ``replace`` a delete and a new create. The API server does not
+keep names unique (no unique index on the jobs' DisplayName, the ScheduledWorkflow made with
+``GenerateName``: ``backend/src/apiserver/model/job.go`` and ``template/v2_template.go`` at
+2.5.0-2.17.0), so several recurring runs of one name are refused rather than guessed among.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class Schedule:
     experiment_id: str
     version: PipelineVersion
     parameters: dict[str, Any]
+    pipeline_root: str | None  # the compiled spec's; None: the cluster's default
 
 
 def find(kfp: Kfp, name: str) -> Any | None:
@@ -67,7 +71,8 @@ def create(kfp: Kfp, schedule: Schedule, *, replace: bool = False) -> tuple[str,
         description=f"thaw retraining, pipeline version {schedule.version.name}",
         cron_expression=schedule.cron, max_concurrency=MAX_CONCURRENCY, no_catchup=True,
         params=schedule.parameters, pipeline_id=schedule.version.pipeline_id,
-        version_id=schedule.version.version_id, enabled=True)
+        version_id=schedule.version.version_id, enabled=True,
+        pipeline_root=schedule.pipeline_root)
     return outcome, created
 
 
@@ -81,9 +86,14 @@ def differences(existing: Any, schedule: Schedule) -> list[str]:
     if version != schedule.version.version_id:
         changes.append(f"pipeline version ({version}, not {schedule.version.version_id} = "
                        f"{schedule.version.name})")
-    parameters = (existing.runtime_config.parameters if existing.runtime_config else None) or {}
+    config = existing.runtime_config
+    parameters = (config.parameters if config else None) or {}
     if parameters != schedule.parameters:
         changes.append(f"parameters ({parameters}, not {schedule.parameters})")
+    root = (config.pipeline_root if config else None) or None
+    if root != schedule.pipeline_root:
+        changes.append(f"pipeline root ({root or 'the default'}, not "
+                       f"{schedule.pipeline_root or 'the default'})")
     if existing.experiment_id and existing.experiment_id != schedule.experiment_id:
         changes.append(f"experiment ({existing.experiment_id})")
     if _int(existing.max_concurrency) != MAX_CONCURRENCY or existing.no_catchup is not True:

@@ -22,18 +22,22 @@ class Result:
 
 @pytest.fixture
 def kfp_env(monkeypatch, tmp_path) -> None:
-    """No KFP settings from the developer's environment; kfp's context file kept here."""
+    """No KFP settings from the developer's environment; kfp's context file kept here; no
+    kubeconfig (the kubernetes client reads its default location at import)."""
     import kfp.client.client
+    from kubernetes.config import kube_config
 
     for name in CLEARED:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(kfp.client.client.Client, "_LOCAL_KFP_CONTEXT",
                         str(tmp_path / "kfp-context.json"))
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION",
+                        str(tmp_path / "no-kubeconfig"))
 
 
 @pytest.fixture
 def standin(kfp_env, monkeypatch) -> Iterator[KfpStandin]:
-    """A fresh stand-in KFP API (backend 2.6.0, single-user), KFP_HOST pointing at it."""
+    """A fresh stand-in KFP API (backend MIN_KFP_BACKEND, single-user), KFP_HOST at it."""
     with running() as server:
         monkeypatch.setenv("KFP_HOST", server.url)
         yield server

@@ -2,16 +2,27 @@
 (pytest-httpserver), for tests that drive the real ``kfp.Client`` (urllib3) against it.
 
 Shaped on kubeflow/pipelines ``backend/api/v2beta1/swagger/*.swagger.json`` and the API
-server's behaviour: JSON with proto field names, ``/apis/v2beta1/healthz`` answering
-``tag_name`` (the server writes it by hand, the swagger model leaves it out), multipart
+server's behaviour: JSON with proto field names and no unpopulated fields
+(``backend/src/apiserver/common/utils.go`` CustomMarshaler), multipart
 ``pipelines/upload_version`` with 409 on a duplicate version name, list ``filter`` (JSON
-predicates, ``EQUALS`` on ``display_name``), recurring runs unique by name in a namespace,
-``:enable`` / ``:disable``. It keeps state (pipelines, versions, experiments, runs,
-recurring runs) and records every request, so tests check what arrived and how often.
+predicates, ``EQUALS`` on ``display_name``), ``:enable`` / ``:disable``, and recurring runs
+NOT unique by name (``backend/src/apiserver/model/job.go``: no unique index on DisplayName;
+``template/v2_template.go``: the ScheduledWorkflow takes a ``GenerateName``; 2.5.0-2.17.0).
+It keeps state (pipelines, versions, experiments, runs, recurring runs) and records every
+request, so tests check what arrived and how often.
+
+healthz answers as one of the two hosts a user may name (``via_ui``): the API server
+(``backend/src/apiserver/main.go`` at 2.5.0-2.17.0: ``commit_sha``, ``tag_name`` — the
+image's TAG_NAME, ``"unknown"`` in the official images before 2.16.0 — ``multi_user``, and from
+2.14.0 ``pipeline_store``), or the UI server behind the Kubeflow gateway's ``/pipeline``
+(``frontend/server/handlers/healthz.ts`` at 2.14.0-2.17.0: the API server's answer renamed,
+``apiServer*`` keys, or only the UI's build keys when the API server did not answer).
 
 A run's ``GET`` walks through ``run_frames``: each GET shows the next frame (the last one
-stays), a frame being the run's state and its tasks' states as ``run_details`` has them;
-``run_get_outages`` makes the next GETs answer 503 first, as an ingress gateway may.
+stays), a frame being the run's state and, per KFP task name, the Argo phase of its pods; the
+stand-in turns it into ``run_details.task_details`` the way the API server does (``_argo_nodes``
+and ``_task_details``). ``run_get_outages`` makes the next GETs answer 503 first, as an
+ingress gateway may.
 """
 
 from __future__ import annotations
@@ -19,36 +30,55 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
+from pipelines.thaw_pipeline import MIN_KFP_BACKEND
 from tests.loopback import LoopbackServer, Recorded, serving
+from thawctl.kfp_tasks import EXIT_STRATEGY, node_id
 
 API = "/apis/v2beta1"
 NOW = "2026-01-02T03:04:05Z"
 # grpc status codes, as the gateway writes them
 NOT_FOUND, ALREADY_EXISTS, UNAUTHENTICATED, INVALID_ARGUMENT = 5, 6, 16, 3
 
-TaskStates = dict[str, str | tuple[str, str]]  # display name -> state or (state, message)
+# KFP task name -> Argo phase of its executor pod, or (phase of the last attempt, attempts)
+TaskPhases = dict[str, str | tuple[str, int]]
+# Argo node phase -> v2beta1 RuntimeState (RuntimeState.ToV2, backend/src/apiserver/model/run.go)
+V2_STATES = {"Pending": "PENDING", "Running": "RUNNING", "Succeeded": "SUCCEEDED",
+             "Skipped": "SKIPPED", "Failed": "FAILED", "Error": "FAILED",
+             "Omitted": "RUNTIME_STATE_UNSPECIFIED"}
+WORKFLOW_PHASES = {"PENDING": "Pending", "RUNNING": "Running", "SUCCEEDED": "Succeeded",
+                   "FAILED": "Failed", "CANCELED": "Failed"}
+EPOCH = "1970-01-01T00:00:00Z"  # timestamppb.New(time.Unix(0, 0)): a node not finished yet
 
 
 @dataclass
 class Frame:
+    """The run's v2beta1 state; per KFP task name the phase of its executor (and attempts);
+    ``drivers``: per KFP task name a driver phase other than Succeeded."""
+
     state: str
-    tasks: TaskStates = field(default_factory=dict)
+    tasks: TaskPhases = field(default_factory=dict)
+    drivers: dict[str, str] = field(default_factory=dict)
 
 
 class KfpStandin(LoopbackServer):
-    def __init__(self, version: str = "2.6.0", *, multi_user: bool = False,
-                 token: str | None = None) -> None:
-        self.version = version
+    def __init__(self, version: str = MIN_KFP_BACKEND, *, multi_user: bool = False,
+                 token: str | None = None, via_ui: bool = False,
+                 api_server_ready: bool = True) -> None:
+        self.version = version  # the API server image's TAG_NAME ("unknown": not set)
         self.multi_user = multi_user
         self.token = token
+        self.via_ui = via_ui  # healthz answered by the UI server (the gateway's /pipeline)
+        self.api_server_ready = api_server_ready  # the UI server reached the API server
         self.pipelines: dict[str, dict[str, Any]] = {}
         self.versions: dict[str, dict[str, Any]] = {}
         self.specs: dict[str, str] = {}  # version id -> the uploaded file's text
@@ -111,8 +141,22 @@ class KfpStandin(LoopbackServer):
 
     # -- healthz ----------------------------------------------------------------------
     def _healthz(self, request: Request, body: Any) -> Response:
-        return _json({"commit_sha": "0123abc", "tag_name": self.version,
-                      "multi_user": self.multi_user, "pipeline_store": "database"})
+        api_server = {"commit_sha": "0123abc", "tag_name": self.version,
+                      "multi_user": self.multi_user, "pipeline_store": "database"}
+        if not self.via_ui:
+            return _json(api_server)
+        # getBuildMetadata: TAG_NAME is written by the frontend Dockerfile, empty when the
+        # build passes none (as "unknown" on the API server)
+        ui = {"buildDate": "Tue Jan  2 03:04:05 UTC 2026", "frontendCommitHash": "0123abc",
+              "frontendTagName": "" if self.version == "unknown" else self.version}
+        if not self.api_server_ready:  # the fetch failed: only apiServerReady is added
+            return _json({**ui, "apiServerReady": False})
+        return _json({**ui, "apiServerReady": True,
+                      "apiServerCommitHash": api_server["commit_sha"],
+                      "apiServerTagName": api_server["tag_name"],
+                      "apiServerMultiUser": api_server["multi_user"],
+                      "multi_user": api_server["multi_user"],
+                      "pipelineStore": api_server["pipeline_store"]})
 
     # -- pipelines and versions -------------------------------------------------------
     def _new_id(self, kind: str) -> str:
@@ -232,10 +276,12 @@ class KfpStandin(LoopbackServer):
         seen = self._gets.get(rid, 0)
         self._gets[rid] = seen + 1
         frame = self.run_frames[min(seen, len(self.run_frames) - 1)]
-        run = {**self.runs[rid], "state": frame.state,
-               "run_details": {"task_details": _task_details(rid, frame)}}
-        if frame.state == "FAILED":
-            run["error"] = {"code": 2, "message": "run failed"}
+        run = {**self.runs[rid], "state": frame.state}
+        spec = next(yaml.safe_load_all(self.specs[
+            run["pipeline_version_reference"]["pipeline_version_id"]]))
+        details = _task_details(rid, _argo_nodes(_workflow_name(spec, rid), spec, frame))
+        if details:  # toApiRunDetails leaves run_details out while the workflow has no nodes
+            run["run_details"] = {"task_details": details}
         return _json(run)
 
     def _check_reference(self, body: dict[str, Any]) -> str | None:
@@ -253,10 +299,6 @@ class KfpStandin(LoopbackServer):
         if problem:
             return _error(400, INVALID_ARGUMENT, problem)
         namespace = self.experiments[body["experiment_id"]]["namespace"]
-        if any(r["display_name"] == body["display_name"] and r["namespace"] == namespace
-               for r in self.recurring_runs.values()):
-            return _error(409, ALREADY_EXISTS, "Failed to create a recurring run: "
-                          f"{body['display_name']} already exists")
         recurring = {**body, "recurring_run_id": self._new_id("recurring"),
                      "namespace": namespace, "created_at": NOW, "updated_at": NOW,
                      "max_concurrency": str(body.get("max_concurrency", "1")),
@@ -299,26 +341,133 @@ def running(**kwargs: Any) -> AbstractContextManager[KfpStandin]:
     return serving(KfpStandin(**kwargs))
 
 
-def _task_details(run_id: str, frame: Frame) -> list[dict[str, Any]]:
-    """``run_details.task_details`` for a frame: a root DAG task (failed with a generic
-    message when a child failed, as KFP's is) and one executor task per entry."""
-    tasks = []
-    for index, (name, value) in enumerate(frame.tasks.items(), start=1):
-        state, message = value if isinstance(value, tuple) else (value, "")
-        task = {"run_id": run_id, "task_id": f"{run_id}-task-{index}", "display_name": name,
-                "create_time": NOW, "start_time": NOW, "state": state,
-                "pod_name": f"{name}-pod-{index}", "parent_task_id": f"{run_id}-root"}
-        if message:
-            task["error"] = {"code": 2, "message": message}
-        tasks.append(task)
-    failed = any(t["state"] == "FAILED" for t in tasks)
-    root = {"run_id": run_id, "task_id": f"{run_id}-root", "display_name": "root",
-            "create_time": NOW, "state": "FAILED" if failed else frame.state,
-            "child_tasks": [{"task_id": t["task_id"], "pod_name": t["pod_name"]}
-                            for t in tasks]}
-    if failed:
-        root["error"] = {"code": 2, "message": "the DAG has failed tasks"}
-    return [root, *tasks] if tasks else []
+def _workflow_name(spec: dict[str, Any], run_id: str) -> str:
+    """The Argo workflow's name: the pipeline's name and a generated suffix (``GenerateName`` in
+    ``backend/src/v2/compiler/argocompiler/argo.go``)."""
+    return f"{spec['pipelineInfo']['name']}-q{run_id[-4:]}"
+
+
+@dataclass
+class _Node:
+    name: str  # Argo's node name: the boundary's name, ".", the DAG task's name
+    display_name: str
+    phase: str
+    children: list[str] = field(default_factory=list)  # node names
+
+
+def _argo_nodes(workflow: str, spec: dict[str, Any], frame: Frame) -> list[_Node]:
+    """The Argo nodes of a run of ``spec`` in ``frame``, as KFP's compiler lays the workflow
+    out (``backend/src/v2/compiler/argocompiler/dag.go``, ``container.go`` at 2.14.0-2.17.0:
+    ``root-driver`` and ``root`` under the entrypoint; per DAG task ``<t>-driver`` and the DAG
+    ``<t>``; per container task the driver pod ``<t>-driver`` and the DAG ``<t>`` holding the
+    ``executor`` pod, a Retry node with ``executor(<n>)`` pods when the task retries; the exit
+    task inside the ``<t>.onExit`` node of the task it waits for) and Argo names them
+    (``workflow/controller/operator.go`` initializeNode, ``exit_handler.go``, v3.6-v4.0).
+    Simplified: a node's children are the nodes it contains (Argo lists a DAG's later tasks
+    under the tasks they depend on)."""
+    if not frame.tasks and not frame.drivers:
+        return []
+    phase = WORKFLOW_PHASES[frame.state]
+    top = _Node(workflow, workflow, phase)
+    nodes = [top, _Node(f"{workflow}.root-driver", "root-driver", "Succeeded")]
+    root = _Node(f"{workflow}.root", "root", phase)
+    top.children = [n.name for n in (nodes[1], root)]
+    nodes.append(root)
+    nodes += _dag_nodes(spec, spec["root"]["dag"], root, root, frame)
+    return nodes
+
+
+def _dag_nodes(spec: dict[str, Any], dag: dict[str, Any], boundary: _Node, parent: _Node,
+               frame: Frame) -> list[_Node]:
+    nodes: list[_Node] = []
+    tasks = dag.get("tasks", {})
+    for name in sorted(tasks):
+        task = tasks[name]
+        exits = task.get("triggerPolicy", {}).get("strategy") == EXIT_STRATEGY
+        here, holder = boundary, parent
+        if exits:
+            waited = next((n for n in nodes if n.name == f"{boundary.name}."
+                           f"{task['dependentTasks'][0]}"), None)
+            if waited is None or name not in frame.tasks:
+                continue
+            here = holder = _Node(f"{waited.name}.onExit", f"{waited.display_name}.onExit",
+                                  _phase_of(frame, [name]))
+            waited.children.append(here.name)
+            nodes.append(here)
+        component = spec["components"][task["componentRef"]["name"]]
+        if "dag" in component:
+            inner = _container_tasks(spec, component["dag"])
+            if not set(inner) & (set(frame.tasks) | set(frame.drivers)):
+                continue
+            driver = _Node(f"{here.name}.{name}-driver", f"{name}-driver", "Succeeded")
+            node = _Node(f"{here.name}.{name}", name, _phase_of(frame, inner))
+            holder.children += [driver.name, node.name]
+            nodes += [driver, node, *_dag_nodes(spec, component["dag"], node, node, frame)]
+        elif name in frame.tasks or name in frame.drivers:
+            nodes += _container_nodes(name, "retryPolicy" in task, here, holder, frame)
+    return nodes
+
+
+def _container_nodes(name: str, retried: bool, boundary: _Node, holder: _Node,
+                     frame: Frame) -> list[_Node]:
+    driver = _Node(f"{boundary.name}.{name}-driver", f"{name}-driver",
+                   frame.drivers.get(name, "Succeeded"))
+    holder.children.append(driver.name)
+    if driver.phase != "Succeeded" or name not in frame.tasks:
+        return [driver]
+    value = frame.tasks[name]
+    phase, attempts = value if isinstance(value, tuple) else (value, 1)
+    node = _Node(f"{boundary.name}.{name}", name, phase)
+    executor = _Node(f"{node.name}.executor", "executor", phase)
+    holder.children.append(node.name)
+    node.children.append(executor.name)
+    nodes = [driver, node, executor]
+    if retried:  # a Retry node, one pod per attempt, all but the last failed
+        for attempt in range(attempts):
+            pod = _Node(f"{executor.name}({attempt})", f"executor({attempt})",
+                        phase if attempt == attempts - 1 else "Failed")
+            executor.children.append(pod.name)
+            nodes.append(pod)
+    return nodes
+
+
+def _container_tasks(spec: dict[str, Any], dag: dict[str, Any]) -> list[str]:
+    names = []
+    for name, task in dag.get("tasks", {}).items():
+        component = spec["components"][task["componentRef"]["name"]]
+        names += _container_tasks(spec, component["dag"]) if "dag" in component else [name]
+    return names
+
+
+def _phase_of(frame: Frame, names: list[str]) -> str:
+    """A DAG's phase from its tasks': Failed when one failed, else the run's."""
+    phases = [frame.drivers.get(n) for n in names] + [
+        (v[0] if isinstance(v, tuple) else v) for n, v in frame.tasks.items() if n in names]
+    return "Failed" if {"Failed", "Error"} & set(phases) else WORKFLOW_PHASES[frame.state]
+
+
+def _task_details(run_id: str, nodes: list[_Node]) -> list[dict[str, Any]]:
+    """``run_details.task_details`` from Argo nodes, as the API server writes them
+    (``toModelTasks`` / ``toApiPipelineTaskDetail`` in ``backend/src/apiserver/server/
+    api_converter.go``, the task store's ``CreateOrUpdateTasks``, 2.14.0-2.17.0): sorted by
+    node id; the store's UUID as ``task_id``; the node's display name and phase in v2 terms;
+    the children's node ids as ``child_tasks[].pod_name``; no ``error``, no ``pod_name``, no
+    ``parent_task_id`` or ``execution_id`` (unpopulated, so left out)."""
+    workflow = nodes[0].name if nodes else ""
+    details = []
+    for node in nodes:
+        ident = node_id(workflow, node.name)
+        state = V2_STATES[node.phase]
+        finished = state in ("SUCCEEDED", "SKIPPED", "FAILED")
+        detail = {"run_id": run_id, "task_id": str(uuid.uuid5(uuid.NAMESPACE_OID, ident)),
+                  "display_name": node.display_name, "create_time": NOW, "start_time": NOW,
+                  "end_time": NOW if finished else EPOCH, "state": state,
+                  "state_history": [{"update_time": NOW, "state": state}]}
+        if node.children:
+            detail["child_tasks"] = [{"pod_name": node_id(workflow, child)}
+                                     for child in node.children]
+        details.append((ident, detail))
+    return [detail for _, detail in sorted(details, key=lambda pair: pair[0])]
 
 
 def _matches(item: dict[str, Any], filter_json: str | None) -> bool:

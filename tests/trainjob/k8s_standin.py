@@ -16,6 +16,7 @@ TrainJob's name. Every request, and every TrainJob served, is recorded.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import re
@@ -84,6 +85,9 @@ class K8sStandin(LoopbackServer):
     get_outages: int = 0
     # route name -> (HTTP status, message): answer that error instead
     fail: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # Secrets and ConfigMaps in the namespace: name -> their data's keys and values
+    secrets: dict[str, dict[str, str]] = field(default_factory=dict)
+    config_maps: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.trainjobs: dict[str, dict[str, Any]] = {}
@@ -113,6 +117,9 @@ class K8sStandin(LoopbackServer):
             ("GET", "log", re.compile(rf"{CORE}/namespaces/{ns}/pods/(?P<pod>[^/]+)/log"),
              self._log),
             ("GET", "events", re.compile(rf"{CORE}/namespaces/{ns}/events"), self._events),
+            ("GET", "data", re.compile(
+                rf"{CORE}/namespaces/{ns}/(?P<kind>secrets|configmaps)/(?P<name>[^/]+)"),
+             self._data_object),
         ]
 
     # -- the server -------------------------------------------------------------------
@@ -239,6 +246,17 @@ class K8sStandin(LoopbackServer):
                   "firstTimestamp": NOW, "lastTimestamp": NOW, "count": 1}
                  for e in self.events for job in self.trainjobs]
         return _json({"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": items})
+
+    def _data_object(self, request: Request, body: Any, kind: str, name: str) -> Response:
+        """A Secret (values base64, as the API server gives them) or a ConfigMap."""
+        store = self.secrets if kind == "secrets" else self.config_maps
+        if name not in store:
+            return _status(404, f'{kind} "{name}" not found')
+        data = {key: base64.b64encode(value.encode()).decode() if kind == "secrets" else value
+                for key, value in store[name].items()}
+        return _json({"apiVersion": "v1", "kind": "Secret" if kind == "secrets" else "ConfigMap",
+                      "metadata": {"name": name, "namespace": self.namespace,
+                                   "creationTimestamp": NOW}, "data": data})
 
 
 def running(**kwargs: Any) -> AbstractContextManager[K8sStandin]:
