@@ -11,16 +11,18 @@ REGISTRY ?= ghcr.io/thaw-ml
 IMAGE ?= $(REGISTRY)/thaw:$(VERSION)
 BASE_IMAGE ?= python:3.11-slim
 PREFETCH_BACKBONES ?=
+# The KFP release `make e2e-kind` installs: a tag, or minimum (MIN_KFP_BACKEND of the pipeline).
+KFP_VERSION ?= minimum
 CONTAINER_ENGINE ?=
 IMAGE_ENV = IMAGE='$(IMAGE)' VERSION='$(VERSION)' BASE_IMAGE='$(BASE_IMAGE)' \
 	PREFETCH_BACKBONES='$(PREFETCH_BACKBONES)' CONTAINER_ENGINE='$(CONTAINER_ENGINE)'
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint format demo compile bench bench-quality bench-throughput sample-data stack-up stack-down clean
-.PHONY: image image-name image-if-engine push base-image
+.PHONY: image image-name image-if-engine push base-image e2e-kind
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +84,9 @@ push: image ## push the image: make push REGISTRY=registry.example.com/team
 
 base-image: ## build the local python:3.11-slim stand-in (root, debootstrap; no registry)
 	CONTAINER_ENGINE='$(CONTAINER_ENGINE)' docker/base-image.sh
+
+e2e-kind: ## kind + KFP standalone (KFP_VERSION) + the image built here, thaw submit --wait
+	infra/ci/e2e-kind.sh '$(KFP_VERSION)'
 
 clean: ## remove the venv and local run outputs
 	rm -rf $(VENV) .thaw local_outputs

@@ -1,5 +1,5 @@
-"""The GitHub Actions workflows: they parse, do what they say, and name credentials only
-through the ``secrets`` context."""
+"""The GitHub Actions workflows: they match GitHub's workflow schema, do what they say, and name
+credentials only through the ``secrets`` context."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
 ALLOWED_CONTEXTS = ("secrets.", "vars.", "inputs.", "github.", "env.", "runner.", "steps.",
                     "matrix.", "needs.", "job.")
 CREDENTIAL = re.compile(r"TOKEN|SECRET|PASSWORD|KEY|CREDENTIAL", re.I)
+ALL_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.y*ml"))
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -26,6 +27,11 @@ def _load(name: str) -> dict[str, Any]:
     assert isinstance(workflow, dict) and workflow.get("jobs"), name
     workflow["on"] = workflow.pop(True, workflow.get("on"))  # YAML 1.1 reads `on` as true
     return workflow
+
+
+def _comments(name: str) -> str:
+    lines = (WORKFLOWS / name).read_text().splitlines()
+    return "\n".join(line for line in lines if line.lstrip().startswith("#"))
 
 
 def _steps(workflow: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,7 +55,27 @@ def _envs(workflow: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("name", ["test.yml", "train.yml"])
+def _check_schema(*paths: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema with the GitHub workflow schema it ships (vendored: no network)."""
+    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+                           "vendor.github-workflows", *map(str, paths)],
+                          capture_output=True, text=True, check=False)
+
+
+def test_every_workflow_matches_the_github_workflow_schema():
+    assert {"test.yml", "train.yml", "e2e-kind.yml"} <= set(ALL_WORKFLOWS)
+    result = _check_schema(*(WORKFLOWS / name for name in ALL_WORKFLOWS))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_schema_check_refuses_a_misspelt_workflow(tmp_path):
+    broken = tmp_path / "broken.yml"
+    broken.write_text((WORKFLOWS / "e2e-kind.yml").read_text().replace("runs-on:", "run-on:"))
+    result = _check_schema(broken)
+    assert result.returncode == 1 and "broken.yml" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
 def test_workflows_parse_and_name_credentials_only_as_secrets(name):
     workflow = _load(name)
     for text in _strings(workflow):
@@ -102,3 +128,26 @@ def test_train_workflow_installs_the_kfp_versions_pyproject_pins(tmp_path):
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert printed == [d for d in deps if d.startswith(("kfp==", "kfp-kubernetes=="))]
     assert len(printed) == 2
+
+
+def test_e2e_kind_runs_nightly_on_the_minimum_and_newest_backend_through_one_script():
+    """As kubeflow/pipelines' own .github/workflows/e2e-test.yml (2.17.0): kind, KFP standalone,
+    one job per backend; here every step of the run is the script `make e2e-kind` runs."""
+    workflow = _load("e2e-kind.yml")
+    assert [entry["cron"] for entry in workflow["on"]["schedule"]] == ["17 3 * * *"]
+    assert "workflow_dispatch" in workflow["on"]
+    (job,) = workflow["jobs"].values()
+    matrix = job["strategy"]["matrix"]["kfp"]
+    assert matrix[0] == "minimum" and re.fullmatch(r"\d+\.\d+\.\d+", matrix[1]), matrix
+    assert job["strategy"]["fail-fast"] is False
+    runs = [s for s in job["steps"] if "run" in s]
+    script = [s for s in runs if "e2e-kind.sh" in s["run"]]
+    assert len(script) == 1 and script[0]["run"].strip() == "infra/ci/e2e-kind.sh"
+    assert script[0]["env"]["KFP_VERSION"] == "${{ matrix.kfp }}"
+    assert "make e2e-kind" in _comments("e2e-kind.yml")
+    assert (REPO / "infra" / "ci" / "e2e-kind.sh").stat().st_mode & 0o111
+    kind = [s for s in job["steps"] if s.get("uses", "").startswith("helm/kind-action@")]
+    assert kind and kind[0]["with"]["install_only"] is True  # the script creates the cluster
+    (upload,) = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
+    assert upload["if"] == "failure()"
+    assert upload["with"]["path"] == script[0]["env"]["ARTIFACTS_DIR"]
