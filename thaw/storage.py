@@ -8,15 +8,29 @@ Faults: botocore retries refused or dropped connections, timeouts and 5xx answer
 jittered exponential backoff (its "standard" mode) up to `AWS_MAX_ATTEMPTS` attempts; after
 that an `Unreachable` error names the endpoint, the attempts and the time spent. Object keys
 are untrusted and never become paths outside the download folder.
+
+Checksums: botocore >= 1.36 adds CRC32 checksums to uploads (as aws-chunked trailers over
+HTTPS) and asks for checksums on downloads whenever the API allows it ("when_supported").
+Older MinIO and other S3-compatible stores refuse those requests, so thaw's default is
+"when_required" for both, as the KFP launcher's (backend/src/v2/objectstore/object_store.go,
+KFP 2.17.0). ``AWS_REQUEST_CHECKSUM_CALCULATION`` / ``AWS_RESPONSE_CHECKSUM_VALIDATION`` or the
+AWS config file still decide when set: botocore reads them itself.
+
+Consistent reads: every object thaw downloads is pinned to the ETag it had when it was listed
+(or, for a single object, when its HEAD answered). Each GET carries ``If-Match: <ETag>`` and the
+ETag of the answer is compared too (for stores that ignore the header); an object rewritten in
+between fails with ``SourceChanged``, never mixing old and new content or leaving a file.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -27,8 +41,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import boto3
+import botocore.session
 from boto3.exceptions import Boto3Error
 from boto3.exceptions import RetriesExceededError as TransferRetriesExceeded
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -37,7 +53,8 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from s3transfer.manager import TransferConfig, TransferManager
+from s3transfer.exceptions import S3DownloadFailedError
+from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
 from thaw.errors import ThawError
@@ -45,6 +62,13 @@ from thaw.errors import ThawError
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _TRANSFER_THREADS = 8
 _MAX_PENDING_DOWNLOADS = 256  # queued downloads: bounds memory for millions of objects
+_MIB = 1024 * 1024
+# Objects of at least MULTIPART_THRESHOLD bytes travel in parts of MULTIPART_CHUNKSIZE bytes
+# (s3transfer's defaults; uploads need parts of at least 5 MiB).
+MULTIPART_THRESHOLD = 8 * _MIB
+MULTIPART_CHUNKSIZE = 8 * _MIB
+# botocore's settings whose default ("when_supported") thaw replaces with "when_required".
+_CHECKSUM_SETTINGS = ("request_checksum_calculation", "response_checksum_validation")
 S3_ATTEMPTS_ENV = "AWS_MAX_ATTEMPTS"  # botocore's own variable, read here to report it
 S3_DEFAULT_ATTEMPTS = 12  # jittered backoff capped at 20 s: rides out ~30 s on average
 _S3_CONNECT_TIMEOUT_S = 10
@@ -89,12 +113,45 @@ def s3_attempts() -> int:
     return int(raw)
 
 
+class SourceChanged(ThawError):
+    """An object was rewritten between the listing (or HEAD) and the read of it."""
+
+
+_session_lock = threading.Lock()
+
+
+@functools.cache
+def _session() -> boto3.Session:
+    """thaw's boto3 session: botocore resolves every setting as usual (environment, then the
+    AWS config file, then its default), only the default of the two checksum settings is
+    "when_required". A value in ``Config(...)`` would outrank the environment, hence the
+    default is replaced instead (botocore.session.Session(session_vars=...))."""
+    variables = botocore.session.Session.SESSION_VARIABLES
+    when_required = {
+        name: (config_name, env_var, "when_required", convert)
+        for name in _CHECKSUM_SETTINGS
+        for config_name, env_var, _, convert in [variables[name]]
+    }
+    return boto3.Session(botocore_session=botocore.session.Session(session_vars=when_required))
+
+
 def s3_client() -> Any:
-    """A boto3 S3 client configured from the environment (endpoint, region, credentials),
-    retrying transient failures ``s3_attempts()`` times in botocore's standard mode."""
+    """A boto3 S3 client configured from the environment (endpoint, region, credentials,
+    checksum settings), retrying transient failures ``s3_attempts()`` times in botocore's
+    standard mode."""
     config = Config(retries={"max_attempts": s3_attempts(), "mode": "standard"},
                     connect_timeout=_S3_CONNECT_TIMEOUT_S, read_timeout=_S3_READ_TIMEOUT_S)
-    return boto3.client("s3", config=config)
+    with _session_lock:  # a boto3 session is not thread-safe
+        return _session().client("s3", config=config)
+
+
+def _transfer_config() -> TransferConfig:
+    """s3transfer's classic transfer manager (the one whose downloads thaw pins to an ETag)
+    with thaw's part sizes and concurrency."""
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                          multipart_chunksize=MULTIPART_CHUNKSIZE,
+                          max_concurrency=_TRANSFER_THREADS,
+                          preferred_transfer_client="classic")
 
 
 def is_s3_uri(uri: str | os.PathLike[str]) -> bool:
@@ -208,7 +265,7 @@ def exists(uri: str) -> bool:
     """Whether the single object `uri` exists."""
     bucket, key = split_s3_uri(uri)
     with _s3_errors(uri):
-        return _object_exists(bucket, key)
+        return _object_entry(bucket, key) is not None
 
 
 def safe_join(dest: Path, relative_key: str) -> Path:
@@ -231,17 +288,6 @@ def safe_join(dest: Path, relative_key: str) -> Path:
     return path
 
 
-def _download_to(client: Any, bucket: str, key: str, dest: Path) -> None:
-    """Download into a hidden temporary name, then rename: a failure leaves no half file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _part_name(dest)
-    try:
-        client.download_file(bucket, key, str(tmp))
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _run_parallel(fn: Callable[..., None], jobs: list[tuple[Any, ...]]) -> None:
     with ThreadPoolExecutor(max_workers=_TRANSFER_THREADS) as pool:
         for future in [pool.submit(fn, *job) for job in jobs]:
@@ -262,8 +308,8 @@ def _check_no_file_is_a_folder(relative_keys: Iterable[str]) -> None:
 
 class _Listed(BaseSubscriber):
     """Hands s3transfer an object's size and ETag from the listing, so it skips its HEAD
-    request; the GET then carries `If-Match: <ETag>`, so an object rewritten since the
-    listing fails instead of mixing old and new content."""
+    request (s3transfer itself then sends `If-Match` on ranged GETs only: ``_ETagPins`` covers
+    every GET)."""
 
     def __init__(self, entry: dict[str, Any]) -> None:
         self.entry = entry
@@ -273,10 +319,57 @@ class _Listed(BaseSubscriber):
         future.meta.provide_object_etag(self.entry["ETag"])
 
 
+def _bare_etag(etag: str) -> str:
+    return etag.strip('"')  # some stores list ETags unquoted
+
+
+class _ETagPins:
+    """Every GetObject of one client pinned to the ETag its object was listed with: sent as
+    ``If-Match`` (the store refuses a changed object with 412 before sending a byte), and
+    compared with the ETag of the answer (for stores that ignore ``If-Match``). Both hold
+    within the one GET that also returns the bytes, so no rewrite can slip in between; a
+    HEAD before the GET could not promise that.
+
+    s3transfer 0.19.3 adds ``IfMatch`` by itself only to ranged GETs
+    (s3transfer/download.py) and does not accept it from callers (ALLOWED_DOWNLOAD_ARGS in
+    s3transfer/constants.py), hence botocore's ``before-parameter-build`` event."""
+
+    def __init__(self, bucket: str, entries: Iterable[dict[str, Any]]) -> None:
+        self.bucket = bucket
+        self.etags = {entry["Key"]: entry["ETag"] for entry in entries}
+
+    def attach(self, client: Any) -> Any:
+        client.meta.events.register("before-parameter-build.s3.GetObject", self._ask)
+        client.meta.events.register("after-call.s3.GetObject", self._check)
+        return client
+
+    def _ask(self, params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        etag = self.etags.get(params.get("Key", ""))
+        if params.get("Bucket") == self.bucket and etag is not None:
+            params["IfMatch"] = etag
+            context["thaw_pinned"] = (params["Key"], etag)
+
+    def _check(self, http_response: Any, parsed: dict[str, Any], context: dict[str, Any],
+               **_: Any) -> None:
+        pinned = context.get("thaw_pinned")
+        if pinned is None or http_response.status_code >= 300:
+            return  # errors (412 included) raise in botocore and s3transfer
+        key, etag = pinned
+        if _bare_etag(parsed.get("ETag", "")) != _bare_etag(etag):
+            parsed["Body"].close()  # not a byte of it is read
+            raise SourceChanged(_changed_message(self.bucket, key))
+
+
+def _changed_message(bucket: str, key: str) -> str:
+    return (f"s3://{bucket}/{key} changed while thaw was reading it: the object was rewritten "
+            "or deleted after it was listed, so the data changed during this run (its ETag no "
+            "longer matches). Nothing was kept from it. Run again once nothing writes under "
+            "that prefix, or point the run at a copy that stays unchanged")
+
+
 def _download_entries(uri: str, entries: list[dict[str, Any]], dest: Path) -> Path:
     """Download the listed objects (ListObjectsV2 entries) under `dest`, keeping their paths
-    below the folder `uri`: one GET per object, `_TRANSFER_THREADS` at a time through one
-    transfer manager, each into a hidden temporary name renamed when complete."""
+    below the folder `uri`."""
     bucket, prefix = split_s3_uri(uri)
     folder = _folder_prefix(prefix)
     # Check every key before writing anything.
@@ -287,24 +380,33 @@ def _download_entries(uri: str, entries: list[dict[str, Any]], dest: Path) -> Pa
     ]
     _check_no_file_is_a_folder(entry["Key"][len(folder):] for entry, _ in jobs)
     dest.mkdir(parents=True, exist_ok=True)
-    config = TransferConfig(max_request_concurrency=_TRANSFER_THREADS)
-    pending: deque[tuple[Any, Path, Path]] = deque()
+    _download_pinned(uri, bucket, jobs)
+    return dest
+
+
+def _download_pinned(uri: str, bucket: str, jobs: list[tuple[dict[str, Any], Path]]) -> None:
+    """Download each (entry, path) job: one transfer per object, `_TRANSFER_THREADS` requests
+    at a time through one transfer manager, every GET pinned to the entry's ETag, each object
+    into a hidden temporary name renamed when complete."""
+    client = _ETagPins(bucket, (entry for entry, _ in jobs)).attach(s3_client())
+    pending: deque[tuple[Any, str, Path, Path]] = deque()  # future, key, temporary, final
     try:
-        with _s3_errors(uri), TransferManager(s3_client(), config) as manager:
+        with _s3_errors(uri), TransferManager(client, _transfer_config()) as manager:
             for entry, path in jobs:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = _part_name(path)
                 future = manager.download(bucket, entry["Key"], str(tmp),
                                           subscribers=[_Listed(entry)])
-                pending.append((future, tmp, path))
+                pending.append((future, entry["Key"], tmp, path))
                 if len(pending) >= _MAX_PENDING_DOWNLOADS:
-                    _finish_download(*pending.popleft())
+                    _finish_download(bucket, *pending[0])
+                    pending.popleft()
             while pending:
-                _finish_download(*pending.popleft())
+                _finish_download(bucket, *pending[0])
+                pending.popleft()
     finally:
-        for _, tmp, _ in pending:  # downloaded, or cancelled, but never renamed into place
+        for _, _, tmp, _ in pending:  # failed, cancelled or never renamed into place
             tmp.unlink(missing_ok=True)
-    return dest
 
 
 def _part_name(path: Path) -> Path:
@@ -312,8 +414,15 @@ def _part_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
 
 
-def _finish_download(future: Any, tmp: Path, path: Path) -> None:
-    future.result()
+def _finish_download(bucket: str, future: Any, key: str, tmp: Path, path: Path) -> None:
+    try:
+        future.result()
+    except S3DownloadFailedError as exc:  # s3transfer's answer to 412 PreconditionFailed
+        raise SourceChanged(_changed_message(bucket, key)) from exc
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "NoSuchKey":  # deleted since listed
+            raise SourceChanged(_changed_message(bucket, key)) from exc
+        raise
     os.replace(tmp, path)
 
 
@@ -368,14 +477,20 @@ def upload_dir(src: Path, uri: str) -> None:
         if path.is_file()
     ]
     with _s3_errors(uri):
-        _run_parallel(lambda path, key: client.upload_file(str(path), bucket, key), jobs)
+        _run_parallel(lambda path, key: _upload(client, path, bucket, key), jobs)
+
+
+def _upload(client: Any, src: Path, bucket: str, key: str) -> None:
+    client.upload_file(str(src), bucket, key, Config=_transfer_config())
 
 
 def download_file(uri: str, dest: Path) -> Path:
-    """Download one object to the file path `dest` (atomically)."""
+    """Download one object to the file path `dest` (atomically), pinned to the ETag its HEAD
+    answered with."""
     bucket, key = split_s3_uri(uri)
     with _s3_errors(uri):
-        _download_to(s3_client(), bucket, key, Path(dest))
+        head = s3_client().head_object(Bucket=bucket, Key=key)
+    _download_pinned(uri, bucket, [(_entry(key, head), Path(dest))])
     return Path(dest)
 
 
@@ -384,7 +499,7 @@ def upload_file(src: Path, uri: str) -> None:
     if not Path(src).is_file():
         raise ThawError(f"cannot upload {src}: not a file")
     with _s3_errors(uri):
-        s3_client().upload_file(str(src), bucket, key)
+        _upload(s3_client(), Path(src), bucket, key)
 
 
 def ensure_bucket(uri: str) -> None:
@@ -407,14 +522,19 @@ def ensure_bucket(uri: str) -> None:
             client.create_bucket(Bucket=bucket)
 
 
-def _object_exists(bucket: str, key: str) -> bool:
+def _entry(key: str, head: dict[str, Any]) -> dict[str, Any]:
+    """A HEAD answer as the listing entry of that object."""
+    return {"Key": key, "Size": head["ContentLength"], "ETag": head["ETag"]}
+
+
+def _object_entry(bucket: str, key: str) -> dict[str, Any] | None:
+    """The object's listing entry from a HEAD request; None when there is no such object."""
     try:
-        s3_client().head_object(Bucket=bucket, Key=key)
+        return _entry(key, s3_client().head_object(Bucket=bucket, Key=key))
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
+            return None
         raise
-    return True
 
 
 def materialize(uri_or_path: str | os.PathLike[str], workdir: Path) -> Path:
@@ -435,6 +555,8 @@ def materialize(uri_or_path: str | os.PathLike[str], workdir: Path) -> Path:
     if entries:
         return _download_entries(uri, entries, dest)
     with _s3_errors(uri):
-        if prefix.strip("/") and _object_exists(bucket, prefix):
-            return download_file(uri, dest)
+        entry = _object_entry(bucket, prefix) if prefix.strip("/") else None
+    if entry is not None:
+        _download_pinned(uri, bucket, [(entry, dest)])
+        return dest
     raise ThawError(f"nothing found at {uri}: no object and no objects under that prefix")
