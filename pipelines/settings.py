@@ -47,6 +47,16 @@ MEMORY = re.compile(r"(\d+)(" + "|".join(MEMORY_UNITS) + ")?")
 DURATION = re.compile(r"(\d+)([smhdw])")
 SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 SHM_SHARE_OF_MEMORY = 4  # /dev/shm defaults to a quarter of the step's memory limit
+# The environment MLflow's client reads its credentials from, per kind of authentication, and
+# the Secret keys thaw maps into it (mlflow 3.17.2: mlflow/utils/credentials.py
+# get_default_host_creds; mlflow/utils/rest_utils.py sends Basic or Bearer authorization).
+MLFLOW_AUTH_ENV = {"basic": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+                   "token": ("MLFLOW_TRACKING_TOKEN",)}
+# botocore's two checksum settings (botocore/config.py, 1.36+): "when_required" sends no CRC32
+# checksums or aws-chunked trailers unless the operation demands them, which old MinIO and other
+# S3-compatible stores need (KFP forces it in its launcher: kubeflow/pipelines#13314, #13315).
+S3_CHECKSUM_ENV = ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
+S3_CHECKSUM_MODES = ("when_required", "when_supported")
 
 
 class SettingsError(ValueError):
@@ -160,12 +170,31 @@ def _default_steps() -> dict[str, Step]:
 
 
 @dataclass(frozen=True)
+class MlflowAuth:
+    """Credentials for an MLflow server behind authentication: the Secret that holds them and
+    their kind. ``basic``: keys MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; ``token``:
+    key MLFLOW_TRACKING_TOKEN (sent as a bearer token). Each step and TrainJob node gets them as
+    the environment variables of the same names, which MLflow's client reads by itself."""
+
+    secret: str
+    kind: str = "basic"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return MLFLOW_AUTH_ENV[self.kind]
+
+
+@dataclass(frozen=True)
 class ClusterSettings:
     image: str = DEFAULT_IMAGE
     pipeline_root: str | None = None
     s3_secret: str = "thaw-s3-credentials"
     config_map: str = "thaw-config"
     mlflow_tracking_uri: str | None = None
+    # None: the MLflow server takes anyone (in-cluster, no auth); else where its credentials are.
+    mlflow_auth: MlflowAuth | None = None
+    # AWS_REQUEST_CHECKSUM_CALCULATION and AWS_RESPONSE_CHECKSUM_VALIDATION of every step.
+    s3_checksums: str = "when_required"
     gpu: Gpu = field(default_factory=Gpu)
     training: Training = field(default_factory=Training)
     steps: dict[str, Step] = field(default_factory=_default_steps)
@@ -302,7 +331,17 @@ def _check(settings: ClusterSettings, where: str) -> None:
     if settings.mlflow_tracking_uri and urlsplit(settings.mlflow_tracking_uri).password:
         problems.append("mlflow_tracking_uri must not carry a password (user:password@): it "
                         "would be written into the compiled pipeline in plain text; put "
-                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the Secret")
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in a Secret "
+                        "and name it in mlflow_auth.secret")
+    auth = settings.mlflow_auth
+    if auth is not None and auth.kind not in MLFLOW_AUTH_ENV:
+        problems.append(f"mlflow_auth.kind must be one of {list(MLFLOW_AUTH_ENV)}, got "
+                        f"{auth.kind!r}")
+    if auth is not None and not auth.secret:
+        problems.append("mlflow_auth.secret must name the Secret with MLflow's credentials")
+    if settings.s3_checksums not in S3_CHECKSUM_MODES:
+        problems.append(f"s3_checksums must be one of {list(S3_CHECKSUM_MODES)}, got "
+                        f"{settings.s3_checksums!r}")
     if settings.gpu.count < 0:
         problems.append(f"gpu.count must be >= 0, got {settings.gpu.count}")
     training = settings.training

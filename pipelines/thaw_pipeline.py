@@ -7,7 +7,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from components import build_components
-from pipelines.settings import GPU_STEPS, ClusterSettings
+from pipelines.settings import GPU_STEPS, S3_CHECKSUM_ENV, ClusterSettings
 from thaw.config import DEFAULT_STAGES, DISTRIBUTED_ENV
 from thaw.config import PIPELINE_DEFAULTS as D
 
@@ -37,12 +37,13 @@ def _configure(task: dsl.PipelineTask, kind: str, cfg: ClusterSettings,
     """Environment (from the Secret and ConfigMap, by name), resources, retries, caching
     and, for GPU steps only, the GPU request (``gpus``, default ``gpu.count``), node selector
     and tolerations."""
-    kubernetes.use_secret_as_env(task, secret_name=cfg.s3_secret,
-                                 secret_key_to_env=S3_SECRET_KEYS)
+    for secret, keys in _secret_keys(cfg).items():
+        kubernetes.use_secret_as_env(task, secret_name=secret,
+                                     secret_key_to_env={k: k for k in keys})
     kubernetes.use_config_map_as_env(task, config_map_name=cfg.config_map,
                                      config_map_key_to_env={k: k for k in _config_keys(cfg)})
-    if cfg.mlflow_tracking_uri:
-        task.set_env_variable("MLFLOW_TRACKING_URI", cfg.mlflow_tracking_uri)
+    for name, value in _literal_env(cfg).items():
+        task.set_env_variable(name, value)
     step = cfg.step(kind)
     if step.cpu:
         task.set_cpu_limit(step.cpu)
@@ -85,6 +86,27 @@ def _omit_default_optional(task: dsl.PipelineTask) -> None:
             del entry["optional"]
 
 
+def _secret_keys(cfg: ClusterSettings) -> dict[str, tuple[str, ...]]:
+    """Secret name -> the keys a step reads from it, each as the environment variable of the
+    same name: the S3 keys, and MLflow's credentials when ``mlflow_auth`` names their Secret.
+    Never ``optional``: 2.14.x refuses the field, so a Secret is mapped only when it is set."""
+    secrets = {cfg.s3_secret: tuple(S3_SECRET_KEYS)}
+    if cfg.mlflow_auth is not None:
+        secrets[cfg.mlflow_auth.secret] = (*secrets.get(cfg.mlflow_auth.secret, ()),
+                                           *cfg.mlflow_auth.keys)
+    return secrets
+
+
+def _literal_env(cfg: ClusterSettings) -> dict[str, str]:
+    """Environment written into the spec as values: botocore's checksum settings (literal, so a
+    ConfigMap made before them, lacking the keys, cannot leave every pod Pending) and MLflow's
+    URI when the settings give it."""
+    env = dict.fromkeys(S3_CHECKSUM_ENV, cfg.s3_checksums)
+    if cfg.mlflow_tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = cfg.mlflow_tracking_uri
+    return env
+
+
 def _config_keys(cfg: ClusterSettings) -> list[str]:
     """The ConfigMap keys a step reads (MLflow's URI is a literal when the settings give it)."""
     return [k for k in CONFIG_KEYS if not (k == "MLFLOW_TRACKING_URI" and cfg.mlflow_tracking_uri)]
@@ -93,13 +115,12 @@ def _config_keys(cfg: ClusterSettings) -> list[str]:
 def trainjob_spec(cfg: ClusterSettings) -> dict:
     """What a launcher step passes to ``thaw.stage_job.train_on_trainjob``: the TrainJob's
     nodes get the pipeline's image, the train step's CPU and memory, the GPU scheduling, and
-    the same Secret and ConfigMap environment as every step (by reference, never values)."""
-    env = [{"name": env, "valueFrom": {"secretKeyRef": {"name": cfg.s3_secret, "key": key}}}
-           for env, key in S3_SECRET_KEYS.items()]
+    the same environment as every step (Secrets and ConfigMap by reference, never values)."""
+    env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+           for secret, keys in _secret_keys(cfg).items() for key in keys]
     env += [{"name": key, "valueFrom": {"configMapKeyRef": {"name": cfg.config_map, "key": key}}}
             for key in _config_keys(cfg)]
-    if cfg.mlflow_tracking_uri:
-        env.append({"name": "MLFLOW_TRACKING_URI", "value": cfg.mlflow_tracking_uri})
+    env += [{"name": name, "value": value} for name, value in _literal_env(cfg).items()]
     train, training = cfg.step("train"), cfg.training
     return {
         "image": cfg.image, "num_nodes": training.num_nodes,

@@ -18,7 +18,9 @@ nothing unless a stack is running, so it never overrides such settings by accide
 
 The stack is scratch space: moto keeps objects in memory, so a fresh start also wipes the
 MLflow database (runs whose artifacts are gone would only confuse). Reusing a running stack
-(`stack up` twice) keeps everything.
+(`stack up` twice) keeps everything. Before the server starts, `mlflow db upgrade` brings the
+database to the installed MLflow's schema, as the cluster's MLflow Deployment does in its
+initContainer (infra/base/mlflow.yaml): MLflow refuses a database at an older schema.
 """
 
 from __future__ import annotations
@@ -235,6 +237,7 @@ def _start(stack: Stack) -> StackInfo:
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
         destination = f"s3://{stack.bucket}/{stack.artifact_prefix}"
+        upgrade_schema(f"sqlite:///{db}", server_env)
         mlflow = _spawn(
             _mlflow_command(stack.host, mlflow_port, f"sqlite:///{db}", destination),
             server_env,
@@ -280,6 +283,18 @@ def _mlflow_command(host: str, port: int, backend_uri: str, destination: str) ->
         "--artifacts-destination", destination,
         "--workers", "1",
     ]  # fmt: skip
+
+
+def upgrade_schema(backend_uri: str, env: dict[str, str]) -> None:
+    """`mlflow db upgrade BACKEND_URI`: create the tables of an empty database, migrate an old
+    one to the installed MLflow's schema (the MLflow server refuses an out-of-date one)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "db", "upgrade", backend_uri],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, check=False,
+    )
+    if done.returncode != 0:
+        output = "\n".join((done.stdout + done.stderr).strip().splitlines()[-25:])
+        raise ThawError(f"`mlflow db upgrade` of {backend_uri} failed:\n{output}")
 
 
 def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

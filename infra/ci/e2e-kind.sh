@@ -2,9 +2,11 @@
 # End to end on a real Kubeflow Pipelines backend in kind, the way kubeflow/pipelines tests
 # itself (.github/workflows/e2e-test.yml and .github/resources/scripts/ at its release tags):
 # a kind cluster, KFP standalone (manifests/kustomize/env/platform-agnostic) at one release,
-# the thaw and MLflow images built here and loaded into kind, thaw's infra (infra/overlays/minio,
-# in KFP's namespace `kubeflow`), the committed sample uploaded to the in-cluster object store,
-# then `thaw submit --wait` of the demo's parameters (efficientnet_lite0, packaged weights).
+# the thaw and MLflow images built here and loaded into kind, thaw's infra (the overlay of the
+# release's object store, infra/overlays/minio up to 2.15 and infra/overlays/seaweedfs from 2.16,
+# in KFP's namespace `kubeflow`), the committed sample uploaded to the in-cluster object store
+# under the overlay's prefix, then `thaw submit --wait` of the demo's parameters
+# (efficientnet_lite0, packaged weights) with that data_uri and the overlay's pipeline root.
 #
 #   infra/ci/e2e-kind.sh [KFP_VERSION]       or   make e2e-kind KFP_VERSION=2.17.0
 #   infra/ci/e2e-kind.sh --print-version [KFP_VERSION]   the release it would install, then exit
@@ -83,27 +85,23 @@ build_and_load_images() {
     kind load docker-image --name "$CLUSTER_NAME" "$THAW_IMAGE" "$MLFLOW_IMAGE"
 }
 
-# KFP 2.16 and later serve the object store as service `seaweedfs` only; 2.15.0 kept
-# `minio-service` for older clients (third-party/seaweedfs/base/seaweedfs/minio-service.yaml at
-# 2.15.0). infra/overlays/minio names minio-service: give it that same alias where it is gone.
-object_store_alias() {
-    kubectl -n "$NAMESPACE" get service minio-service >/dev/null 2>&1 && return 0
-    say "no service minio-service (KFP >= 2.16 serves SeaweedFS as seaweedfs): adding the alias"
-    kubectl apply -f - <<EOF
-apiVersion: v1
-kind: Service
-metadata: {name: minio-service, namespace: $NAMESPACE, labels: {app: seaweedfs}}
-spec:
-  ports: [{name: http, port: 9000, protocol: TCP, targetPort: 8333}]
-  selector: {app: seaweedfs}
-EOF
+# The overlay of the release's object store: KFP 2.16 and later serve it as service `seaweedfs`
+# only (third-party/seaweedfs/base/seaweedfs/seaweedfs-service.yaml, port 9000, at 2.16.0);
+# 2.14 ships MinIO and 2.15.0 kept `minio-service` (third-party/seaweedfs/base/seaweedfs/
+# minio-service.yaml at 2.15.0).
+overlay_for() {
+    local major minor
+    IFS=. read -r major minor _ <<<"$1"
+    if (( major > 2 || (major == 2 && minor >= 16) )); then echo seaweedfs; else echo minio; fi
 }
 
-# A kustomization at $1 of infra/overlays/minio in KFP's namespace with the images built here.
+# A kustomization at $1 of infra/overlays/$2 in KFP's namespace with the images built here.
+# (Standalone KFP has one object-store key for all: the seaweedfs overlay's per-profile prefix,
+# private/kubeflow-user-example-com/, is just a prefix here.)
 write_overlay() {
     local base
     mkdir -p "$1"
-    base=$(realpath --relative-to="$1" "$ROOT/infra/overlays/minio")
+    base=$(realpath --relative-to="$1" "$ROOT/infra/overlays/$2")
     cat >"$1/kustomization.yaml" <<EOF
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
@@ -116,8 +114,8 @@ images:
 EOF
 }
 
-# thaw's infra (infra/README.md, "Apply: Kubeflow's MinIO") in KFP's own namespace, with the
-# images built here.
+# thaw's infra (infra/README.md, "Apply") in KFP's own namespace, with the images built here;
+# $1: the overlay.
 apply_thaw_infra() {
     local overlay=$WORK/overlay access secret
     access=$(kubectl -n "$NAMESPACE" get secret mlpipeline-minio-artifact \
@@ -130,21 +128,32 @@ apply_thaw_infra() {
     kubectl -n "$NAMESPACE" get secret mlflow-postgres >/dev/null 2>&1 \
         || kubectl -n "$NAMESPACE" create secret generic mlflow-postgres \
             --from-literal=POSTGRES_PASSWORD="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
-    write_overlay "$overlay"
-    say "applying infra/overlays/minio in namespace $NAMESPACE"
+    write_overlay "$overlay" "$1"
+    say "applying infra/overlays/$1 in namespace $NAMESPACE"
     kubectl apply -k "$overlay"
     kubectl -n "$NAMESPACE" wait --for=condition=complete job/thaw-buckets --timeout=10m
     kubectl -n "$NAMESPACE" rollout status statefulset/mlflow-postgres --timeout=10m
     kubectl -n "$NAMESPACE" rollout status deployment/mlflow --timeout=10m
 }
 
-# The committed sample to s3://thaw/datasets/... (the demo's data_uri), from a pod in the thaw
-# image: the object store is reached as the pipeline's steps reach it.
+# Where the overlay keeps thaw's data: the prefix of its checkpoints (<prefix>/checkpoints) and
+# its pipeline root; sets DATA_URI (<prefix>/datasets/...) and PIPELINE_ROOT.
+read_layout() {
+    local checkpoints
+    checkpoints=$(kubectl -n "$NAMESPACE" get configmap thaw-config \
+        -o jsonpath='{.data.THAW_CHECKPOINT_URI}')
+    DATA_URI=${checkpoints%/checkpoints}/datasets/fashion-mnist-sample
+    PIPELINE_ROOT=$(kubectl -n "$NAMESPACE" get configmap kfp-launcher \
+        -o jsonpath='{.data.defaultPipelineRoot}')
+}
+
+# The committed sample to $DATA_URI, from a pod in the thaw image: the object store is reached
+# as the pipeline's steps reach it.
 upload_sample() {
     local endpoint
     endpoint=$(kubectl -n "$NAMESPACE" get configmap thaw-config \
         -o jsonpath='{.data.AWS_ENDPOINT_URL}')
-    say "uploading the sample dataset through $endpoint"
+    say "uploading the sample dataset to $DATA_URI through $endpoint"
     kubectl -n "$NAMESPACE" delete pod thaw-e2e-sample --ignore-not-found >/dev/null
     kubectl -n "$NAMESPACE" run thaw-e2e-sample --image="$THAW_IMAGE" --restart=Never --rm -i \
         --pod-running-timeout=10m --env="AWS_ENDPOINT_URL=$endpoint" \
@@ -152,7 +161,7 @@ upload_sample() {
         --env="AWS_ACCESS_KEY_ID=$(secret_value AWS_ACCESS_KEY_ID)" \
         --env="AWS_SECRET_ACCESS_KEY=$(secret_value AWS_SECRET_ACCESS_KEY)" \
         --command -- python -c \
-        "from thawctl.local_run import upload_sample; print('uploaded', upload_sample())"
+        "from thawctl.local_run import upload_sample; print('uploaded', upload_sample('$DATA_URI'))"
 }
 
 secret_value() {
@@ -177,7 +186,7 @@ forward_api() {
 write_settings() {
     cat >"$WORK/cluster.yaml" <<EOF
 image: $THAW_IMAGE
-pipeline_root: s3://thaw/pipeline-root
+pipeline_root: $PIPELINE_ROOT
 gpu: {count: 0}
 steps:
   preprocess: {cpu: "2", memory: 4G}
@@ -188,17 +197,19 @@ EOF
 }
 
 # `thaw submit --wait` from the thaw image on the host's network (the port-forward), with the
-# demo's parameters (thawctl/local_run.py DEMO_PARAMETERS).
+# demo's parameters (thawctl/local_run.py DEMO_PARAMETERS) reading $DATA_URI.
 submit_and_wait() {
     say "thaw submit --wait to $API_URL (KFP $1)"
     docker run --rm --network host -v "$WORK:$WORK:ro" "$THAW_IMAGE" sh -c '
         python -c "
 import sys, yaml
 from thawctl.local_run import DEMO_PARAMETERS
-yaml.safe_dump(DEMO_PARAMETERS, sys.stdout)" >/tmp/params.yaml
+yaml.safe_dump(dict(DEMO_PARAMETERS, data_uri=sys.argv[1]), sys.stdout)" "$5" \
+            >/tmp/params.yaml
         exec thaw submit --config "$1" --params-file /tmp/params.yaml --host "$2" \
             --run-name "$3" --wait --timeout "$4" --poll-interval 10' \
-        submit "$WORK/cluster.yaml" "$API_URL" "thaw e2e kind KFP $1" "$RUN_TIMEOUT_S"
+        submit "$WORK/cluster.yaml" "$API_URL" "thaw e2e kind KFP $1" "$RUN_TIMEOUT_S" \
+        "$DATA_URI"
 }
 
 # The state of the cluster, as kubeflow/pipelines' collect-logs.sh gathers it: pods, their
@@ -254,8 +265,8 @@ main() {
     create_cluster
     install_kfp "$version"
     build_and_load_images
-    object_store_alias
-    apply_thaw_infra
+    apply_thaw_infra "$(overlay_for "$version")"
+    read_layout
     upload_sample
     forward_api
     write_settings

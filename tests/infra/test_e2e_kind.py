@@ -97,23 +97,50 @@ def test_kfp_is_installed_as_its_standalone_manifests_say():
     assert 'local source="github.com/kubeflow/pipelines/manifests/kustomize"' in text
 
 
-def test_the_applied_overlay_is_infra_minio_in_kfps_namespace_with_the_built_images(tmp_path):
-    _sourced('write_overlay "$1"', str(tmp_path / "overlay"))
+@pytest.mark.parametrize(("version", "overlay", "endpoint"), [
+    ("2.14.0", "minio", "http://minio-service.kubeflow:9000"),
+    ("2.15.0", "minio", "http://minio-service.kubeflow:9000"),
+    ("2.16.1", "seaweedfs", "http://seaweedfs.kubeflow:9000"),
+    ("2.17.0", "seaweedfs", "http://seaweedfs.kubeflow:9000"),
+    ("3.0.0", "seaweedfs", "http://seaweedfs.kubeflow:9000"),
+])
+def test_the_applied_overlay_is_the_releases_store_in_kfps_namespace_with_the_built_images(
+        tmp_path, version, overlay, endpoint):
+    """The object store each release's standalone manifests install: MinIO (2.14.0) or SeaweedFS
+    behind the minio-service alias (third-party/seaweedfs/base/seaweedfs/minio-service.yaml at
+    2.15.0), SeaweedFS as seaweedfs:9000 only from 2.16.0 (seaweedfs-service.yaml at 2.16.0,
+    2.17.0): no alias is added any more."""
+    assert _sourced('overlay_for "$1"', version).strip() == overlay
+    _sourced('write_overlay "$1" "$2"', str(tmp_path / "overlay"), overlay)
     docs = render(tmp_path / "overlay")
     namespaced = [d for d in docs if not d["kind"].startswith("Cluster")]
     assert {d["metadata"]["namespace"] for d in namespaced} == {"kubeflow"}
     mlflow = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
     job = find(docs, "Job", "thaw-buckets")["spec"]["template"]["spec"]["containers"][0]
     assert (job["image"], mlflow["image"]) == (_variable("THAW_IMAGE"), _variable("MLFLOW_IMAGE"))
-    assert find(docs, "ConfigMap", "thaw-config")["data"]["AWS_ENDPOINT_URL"] == \
-        "http://minio-service.kubeflow:9000"
+    assert find(docs, "ConfigMap", "thaw-config")["data"]["AWS_ENDPOINT_URL"] == endpoint
+    assert "minio-service" not in SCRIPT.read_text().split("overlay_for()")[1]
+
+
+def test_data_and_pipeline_root_are_under_the_overlays_prefix(tmp_path):
+    """read_layout takes the data_uri and pipeline root from the applied ConfigMaps (kubectl
+    stand-in answering as the seaweedfs overlay renders them)."""
+    kubectl = ('case "$*" in *thaw-config*) printf %s '
+               's3://mlpipeline/private/ns/thaw/checkpoints;; '
+               '*kfp-launcher*) printf %s s3://mlpipeline/private/ns/thaw/pipeline-root;; esac')
+    path = _path_with(tmp_path, {"kubectl": kubectl})
+    out = _sourced('read_layout; printf "%s %s" "$DATA_URI" "$PIPELINE_ROOT"',
+                   env={"PATH": f"{path}:{os.environ['PATH']}"})
+    assert out.split() == ["s3://mlpipeline/private/ns/thaw/datasets/fashion-mnist-sample",
+                           "s3://mlpipeline/private/ns/thaw/pipeline-root"]
 
 
 def test_the_cluster_settings_fit_kind(tmp_path):
-    _sourced("WORK=$1 write_settings", str(tmp_path))
+    _sourced("WORK=$1 PIPELINE_ROOT=s3://mlpipeline/private/ns/thaw/pipeline-root write_settings",
+             str(tmp_path))
     settings = load_settings(tmp_path / "cluster.yaml")
     assert settings.image == _variable("THAW_IMAGE") and settings.gpu.count == 0
-    assert settings.pipeline_root == "s3://thaw/pipeline-root"
+    assert settings.pipeline_root == "s3://mlpipeline/private/ns/thaw/pipeline-root"
     assert all(int(settings.step(kind).cpu) <= 2 for kind in ("preprocess", "train", "evaluate"))
 
 

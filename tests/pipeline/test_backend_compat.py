@@ -42,6 +42,10 @@ VARIANTS = {
     "trainjobs: 2 nodes x 4 GPUs": {"training": {"num_nodes": 2, "gpus_per_node": 4}},
     "4 GPUs in one pod": {"training": {"gpus_per_node": 4}},
     "no GPUs": {"gpu": {"count": 0}},
+    "MLflow behind basic auth": {"mlflow_auth": {"secret": "mlflow-auth", "kind": "basic"}},
+    "MLflow token, checksums when supported": {
+        "mlflow_auth": {"secret": "mlflow-auth", "kind": "token"},
+        "s3_checksums": "when_supported"},
     "scratch, /dev/shm and retries everywhere": {
         "gpu": {**EXAMPLE["gpu"], "shm_size": "8Gi"},
         "steps": {kind: {"scratch": "50Gi", "retry": {"num_retries": 3,

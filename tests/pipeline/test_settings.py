@@ -51,7 +51,9 @@ def test_secrets_are_references_the_root_and_image_are_set(compiled):
     for executor in pipeline["deploymentSpec"]["executors"].values():
         assert executor["container"]["image"] == "registry.example.com/ml/thaw:0.1.0"
         env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
-        assert set(env) == {"MLFLOW_TRACKING_URI"}, "only the tracking URI is set directly"
+        # only the tracking URI and botocore's checksum settings are set directly: no secrets
+        assert set(env) == {"MLFLOW_TRACKING_URI", "AWS_REQUEST_CHECKSUM_CALCULATION",
+                            "AWS_RESPONSE_CHECKSUM_VALIDATION"}
     for executor in platform.values():
         assert executor["secretAsEnv"][0]["secretName"] == "thaw-s3-credentials"
         assert [k["envVar"] for k in executor["secretAsEnv"][0]["keyToEnv"]] == [
