@@ -35,7 +35,7 @@ def train(
                          "num_workers": num_workers,
                          **({"augment": augment} if augment else {})}}
     if trainjob:
-        from thaw.stage_job import train_on_trainjob
+        from thaw.cluster.launcher import train_on_trainjob
 
         result = train_on_trainjob(
             prepared_uri=prepared.uri, out_dir=Path(model.path), job=trainjob,

@@ -113,8 +113,10 @@ def _config_keys(cfg: ClusterSettings) -> list[str]:
 
 
 def trainjob_spec(cfg: ClusterSettings) -> dict:
-    """What a launcher step passes to ``thaw.stage_job.train_on_trainjob``: the TrainJob's
-    nodes get the pipeline's image, the train step's CPU and memory, the GPU scheduling, and
+    """What a launcher step passes to ``thaw.cluster.launcher.train_on_trainjob``: the
+    TrainJob's nodes get the pipeline's image, the train step's CPU, memory and scratch (per
+    node, whatever its GPU count, as a train step's pod with ``gpus_per_node`` GPUs gets them:
+    size ``steps.train`` for that many), the train step's /dev/shm size, the GPU scheduling, and
     the same environment as every step (Secrets and ConfigMap by reference, never values)."""
     env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
            for secret, keys in _secret_keys(cfg).items() for key in keys]
@@ -126,6 +128,8 @@ def trainjob_spec(cfg: ClusterSettings) -> dict:
         "image": cfg.image, "num_nodes": training.num_nodes,
         "gpus_per_node": training.gpus_per_node if cfg.gpu.count else 0,
         "gpu_resource": cfg.gpu.resource, "cpu": train.cpu, "memory": train.memory,
+        **{key: value for key, value in (("scratch", train.scratch),
+                                         ("shm_size", cfg.shm_size("train"))) if value},
         "env": env, "node_selector": dict(cfg.gpu.node_selector),
         "tolerations": [{k: v for k, v in vars(tol).items() if v is not None}
                         for tol in cfg.gpu.tolerations],

@@ -7,7 +7,8 @@ step's pod (``gpus_per_node`` > 1) or on every node of a Kubeflow Trainer TrainJ
 
 torchrun takes its flags from ``PET_*`` variables (``PET_NNODES``, ``PET_NPROC_PER_NODE``,
 ``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ``PET_MASTER_PORT``), which the Trainer's torch
-runtime sets, so the same command serves one pod and many nodes.
+runtime sets, so the same command serves one pod and many nodes. Its arguments are built
+by ``thaw.torchrun.stage_arguments``; it imports the steps, never the other way round.
 
 ``--prepared`` and ``--init`` may be folders or ``s3://`` prefixes; an ``s3://`` one is
 fetched once per node (by its first process) into ``$TMPDIR``. ``--out`` may be an
@@ -24,11 +25,10 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from thaw import storage
 from thaw.errors import ThawError
@@ -37,73 +37,6 @@ if TYPE_CHECKING:  # importing it at run time would load torch for `--help`
     from thaw.training.distributed import Distributed
 
 log = logging.getLogger("thaw.stage_job")
-FOLLOWING = ("start_timeout_s", "timeout_s", "poll_s")
-
-
-def stage_arguments(*, stage: str, prepared: str, out: str, settings: dict[str, Any],
-                    arch: str, weights: str, init: str | None, experiment: str,
-                    pipeline_run_id: str) -> list[str]:
-    """The command-line arguments of ``thaw.stage_job`` for one stage."""
-    args = ["--stage", stage, "--prepared", prepared, "--out", out,
-            "--settings", json.dumps(settings, sort_keys=True), "--arch", arch,
-            "--weights", weights, "--experiment", experiment,
-            "--pipeline-run-id", pipeline_run_id]
-    return args + (["--init", init] if init else [])
-
-
-def torchrun_in_pod(processes: int, arguments: list[str]) -> None:
-    """Run ``thaw.stage_job`` with ``arguments`` in ``processes`` processes on this machine
-    (one per GPU) and wait; ``ThawError`` if any of them fails (torchrun stops the others)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={processes}", "-m", "thaw.stage_job", *arguments]
-    log.info("starting %d training processes: torchrun -m thaw.stage_job %s", processes,
-             " ".join(arguments))
-    finished = subprocess.run(command, check=False)
-    if finished.returncode != 0:
-        raise ThawError(f"the stage's {processes} torchrun processes failed (exit status "
-                        f"{finished.returncode}); the first failure is in the log above")
-
-
-def train_on_trainjob(*, prepared_uri: str, init_uri: str | None, out_dir: Path,
-                      job: dict[str, Any], stage: str, settings: dict[str, Any], arch: str,
-                      weights: str, experiment: str, pipeline_run_id: str) -> dict[str, Any]:
-    """Train one stage as a Kubeflow Trainer TrainJob and put its output in ``out_dir``.
-
-    ``job`` holds the ``thaw.trainjob.TrainJobRequest`` fields except ``command`` and
-    ``labels``, plus how to follow the job (``FOLLOWING``: ``run_trainjob``'s timeouts and
-    poll interval, in seconds). The nodes read ``prepared_uri`` and ``init_uri``
-    (``s3://``; KFP's ``minio://`` is the same store) and rank 0 uploads the stage to a fresh
-    prefix under the stage's checkpoint location (``THAW_CHECKPOINT_URI``), which is then
-    downloaded here: the model travels through S3, not a shared volume. The nodes mirror
-    their checkpoints there too, so a retried launcher's job resumes."""
-    from uuid import uuid4
-
-    from thaw.steps import stage_checkpoint_uri, stage_record
-    from thaw.trainjob import TrainJobRequest, run_trainjob
-
-    checkpoints = stage_checkpoint_uri(pipeline_run_id, stage)
-    if not checkpoints or not storage.is_s3_uri(checkpoints):
-        raise ThawError("training on several nodes hands the model over through S3: set "
-                        "THAW_CHECKPOINT_URI (thaw-config ConfigMap) to an s3:// prefix")
-    output = f"{checkpoints}/output-{uuid4().hex[:12]}"
-    arguments = stage_arguments(stage=stage, prepared=_s3(prepared_uri), out=output,
-                                settings=settings, arch=arch, weights=weights,
-                                init=_s3(init_uri) if init_uri else None,
-                                experiment=experiment, pipeline_run_id=pipeline_run_id)
-    following = {key: float(job[key]) for key in FOLLOWING if key in job}
-    counts = {key: int(job[key]) for key in ("num_nodes", "gpus_per_node")}  # JSON: 2.0
-    request = TrainJobRequest(
-        command=["torchrun", "-m", "thaw.stage_job", *arguments],
-        labels={"thaw.pipeline-run": pipeline_run_id[:63], "thaw.stage": stage},
-        **{k: v for k, v in job.items() if k not in {**following, **counts}}, **counts)
-    run_trainjob(request, log=lambda line: log.info("%s", line), **following)
-    storage.download_prefix(output, Path(out_dir))
-    return stage_record(Path(out_dir), "result.json")
-
-
-def _s3(uri: str) -> str:
-    """KFP names artifacts in MinIO ``minio://bucket/key``: to boto3 that is ``s3://``."""
-    return "s3://" + uri.removeprefix("minio://") if uri.startswith("minio://") else uri
 
 
 def main(argv: list[str] | None = None) -> int:

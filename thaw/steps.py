@@ -92,12 +92,16 @@ def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[
                                    init_dir=init_dir, experiment=experiment,
                                    pipeline_run_id=pipeline_run_id)
     checkpoint_uri = stage_checkpoint_uri(pipeline_run_id, stage)
-    _refuse_known_failure(checkpoint_uri)
+    refuse_known_failure(checkpoint_uri)
     data = open_prepared(Path(prepared_dir))
     if not distributed.current().is_main:
-        return run_stage(data, cfg, Path(out_dir), arch=arch, weights=weights,
-                         init_checkpoint=Path(init_dir) / "best.pt" if init_dir else None,
-                         checkpoint_uri=checkpoint_uri).to_dict()
+        try:
+            return run_stage(data, cfg, Path(out_dir), arch=arch, weights=weights,
+                             init_checkpoint=Path(init_dir) / "best.pt" if init_dir else None,
+                             checkpoint_uri=checkpoint_uri).to_dict()
+        except BaseException as err:
+            _record_bad_input(err, checkpoint_uri)  # any rank may be the one that saw it
+            raise
     parent = tracking.ensure_parent_run(experiment, pipeline_run_id)
     run_id = tracking.start_stage_run(parent, stage, {
         **cfg.to_dict(), "arch": arch, "weights": weights if init_dir is None else "previous stage",
@@ -131,7 +135,7 @@ def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[
 def _train_in_processes(processes: int, prepared_dir: Path, out_dir: Path, *,
                         init_dir: Path | None, **step: Any) -> dict[str, Any]:
     """``train_step`` run by ``processes`` torchrun processes; rank 0's summary."""
-    from thaw.stage_job import stage_arguments, torchrun_in_pod
+    from thaw.torchrun import stage_arguments, torchrun_in_pod
 
     torchrun_in_pod(processes, stage_arguments(
         prepared=str(prepared_dir), out=str(out_dir),
@@ -144,6 +148,12 @@ def _record_stage_failure(err: BaseException, run_id: str, checkpoint_uri: str |
     Neither may hide ``err`` (MLflow or S3 may be down as well)."""
     tracking.best_effort(err, f"mark MLflow run {run_id} failed",
                          lambda: tracking.fail_run(run_id, str(err)))
+    _record_bad_input(err, checkpoint_uri)
+
+
+def _record_bad_input(err: BaseException, checkpoint_uri: str | None) -> None:
+    """For bad input (a ThawError that is no outage), leave the marker that stops retries;
+    without hiding ``err``. Every rank may write it: the same key, whole-object writes."""
     if isinstance(err, ThawError) and not isinstance(err, storage.Unreachable):
         tracking.best_effort(err, "record the failure for retries of this step",
                              lambda: _record_failure(checkpoint_uri, err))
@@ -156,7 +166,7 @@ def stage_checkpoint_uri(pipeline_run_id: str, stage: str) -> str | None:
     return f"{root}/{pipeline_run_id}/{stage}" if root else None
 
 
-def _refuse_known_failure(checkpoint_uri: str | None) -> None:
+def refuse_known_failure(checkpoint_uri: str | None) -> None:
     """Fail at once when an earlier attempt of this step failed on bad input: a retry (set
     for preempted or crashed pods) would only fail again, after holding a GPU node."""
     if checkpoint_uri is None:

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from tests.distributed.test_ddp import finish, free_port, pod_environment, torchrun
 from thaw import storage
-from thaw.stage_job import stage_arguments
+from thaw.torchrun import stage_arguments
 
 pytestmark = pytest.mark.slow
 

@@ -84,7 +84,7 @@ def test_failure_marker_is_written_whole(tmp_path: Path) -> None:
     assert json.loads(marker.read_text()) == {"error": "bad input"}
     with pytest.raises(ThawError, match="not retrying: an earlier attempt failed on its "
                                         "input: bad input"):
-        steps._refuse_known_failure(str(tmp_path / "ckpt"))
+        steps.refuse_known_failure(str(tmp_path / "ckpt"))
     assert _visible(marker.parent) == [steps.FAILURE_FILE]
 
 

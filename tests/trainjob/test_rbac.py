@@ -1,6 +1,7 @@
-"""infra/base/trainer-rbac.yaml allows every Kubernetes API call the launcher makes: the calls are
-those the real SDK sent to the stand-in while thaw.trainjob ran a job to success and another to
-failure, each mapped to its RBAC verb and resource as the API server's authorizer does."""
+"""infra/base/trainer-rbac.yaml allows every Kubernetes API call the launcher makes: the calls
+are those the real SDK sent to the stand-in while thaw.cluster.trainjob ran a job to success
+(left behind, as by a killed launcher), a retry that deleted it, and a job to failure, each
+mapped to its RBAC verb and resource as the API server's authorizer does."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_standin import RUNNING, Frame, Recorded
+from k8s_standin import JOBSET_FAILED, RUNNING, Frame, Recorded, kubelet_event
 
+from thaw.cluster.trainjob import TrainJobRequest, run_trainjob
 from thaw.errors import ThawError
-from thaw.trainjob import TrainJobRequest, run_trainjob
 
 RBAC = Path(__file__).resolve().parents[2] / "infra" / "base" / "trainer-rbac.yaml"
 LAUNCHER_ACCOUNT = "default-editor"
-# Read by the SDK on connection only to log Trainer's version; refused, it logs a warning.
-OPTIONAL = {("", "configmaps", "get")}
+# Trainer's version, read by the SDK on connection and by the launcher (it refuses Trainer
+# < 2.2): ConfigMap kubeflow-system/kubeflow-trainer-public, which Trainer >= 2.2 lets every
+# authenticated user read with its own Role and RoleBinding in its namespace (kubeflow/trainer
+# manifests/base/rbac/public_configmap_role.yaml and public_configmap_role_binding.yaml at
+# v2.3.0: group system:authenticated, resourceNames [kubeflow-trainer-public], get/list/watch).
+TRAINER_PUBLIC = ("kubeflow-system", "kubeflow-trainer-public")
+TRAINER_GRANTS = {("", "configmaps", "get"), ("", "configmaps", "list"),
+                  ("", "configmaps", "watch")}
 PATH = re.compile(r"/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/[^/]+)"
                   r"(?:/namespaces/(?P<namespace>[^/]+))?/(?P<resource>[^/]+)"
                   r"(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?")
@@ -54,12 +61,14 @@ def _granted(docs: list[dict[str, Any]], role_kind: str, binding_kind: str,
 def _run_jobs(client, standin) -> None:
     request = TrainJobRequest(image="registry.example/thaw:0.1.0",
                               command=["torchrun", "-m", "thaw.stage_job"], num_nodes=2,
-                              gpus_per_node=1)
+                              gpus_per_node=1, pipeline_run_id="run-1", stage="full")
     fast = {"start_timeout_s": 5.0, "timeout_s": 10.0, "poll_s": 0.05, "log": lambda line: None}
-    run_trainjob(request, client=client, **fast)
-    standin.frames = [*RUNNING, Frame("Failed", ("Failed", "FailedJobs", "node-1 failed"))]
-    standin.events = [{"kind": "Pod", "name": "{job}-node-0-1-abcde", "reason": "BackOff",
-                       "message": "Back-off restarting failed container node"}]
+    standin.fail["delete"] = (503, "etcdserver: request timed out")
+    run_trainjob(request, client=client, **fast)  # left behind: the next one lists and deletes
+    del standin.fail["delete"]
+    standin.frames = [*RUNNING, Frame("Failed", JOBSET_FAILED)]
+    standin.events = [kubelet_event("Pod", "{job}-node-0-1-abcde", "BackOff",
+                                    "Back-off restarting failed container node")]
     with pytest.raises(ThawError):
         run_trainjob(request, client=client, **fast)
 
@@ -73,14 +82,19 @@ def test_the_rbac_allows_every_call_the_launcher_makes(client, standin):
     cluster_wide = _granted(docs, "ClusterRole", "ClusterRoleBinding", lambda s: (
         s["kind"], s["name"]) == ("Group", "system:serviceaccounts"))
 
-    calls = {_attributes(call) for call in standin.requests}
-    assert {(g, r) for g, r, _, _ in calls} >= {
-        ("trainer.kubeflow.org", "trainjobs"), ("trainer.kubeflow.org", "clustertrainingruntimes"),
-        ("", "pods/log"), ("", "events")}, "the runs did not exercise the launcher's calls"
+    trainer_public = [call for call in standin.requests
+                      if call.path.endswith("/namespaces/{}/configmaps/{}".format(*TRAINER_PUBLIC))]
+    calls = {_attributes(call) for call in standin.requests if call not in trainer_public}
+    assert {(g, r, v) for g, r, v, _ in calls} >= {
+        ("trainer.kubeflow.org", "trainjobs", verb) for verb in ("create", "get", "list",
+                                                                 "delete")} | {
+        ("trainer.kubeflow.org", "clustertrainingruntimes", "get"), ("", "pods/log", "get"),
+        ("", "pods", "list"), ("", "events", "list")}, "the runs missed some launcher calls"
     refused = [(group, resource, verb) for group, resource, verb, namespaced in sorted(calls)
-               if (group, resource, verb) not in OPTIONAL
-               and (group, resource, verb) not in (in_namespace if namespaced else cluster_wide)]
+               if (group, resource, verb) not in (in_namespace if namespaced else cluster_wide)]
     assert refused == []
+    assert trainer_public, "the launcher did not read Trainer's version"
+    assert {_attributes(call)[:3] for call in trainer_public} <= TRAINER_GRANTS
 
 
 def test_cluster_scoped_runtimes_are_granted_by_a_cluster_role_binding_only():

@@ -1,5 +1,5 @@
 """A training step on several nodes, end to end except for Kubernetes itself: the launcher
-(`thaw.stage_job.train_on_trainjob`) posts its TrainJob to the Kubernetes API stand-in, which
+(`thaw.cluster.launcher.train_on_trainjob`) posts its TrainJob to the Kubernetes API stand-in, which
 runs the posted container command as the nodes would (one torchrun per node, its rendezvous
 from the PET_* variables the torch runtime sets) and reports the job Complete or Failed as
 they exit. The nodes read the prepared data from S3 and write through the embedded stack;
@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from k8s_standin import Frame, K8sStandin, write_kubeconfig
+from k8s_standin import JOBSET_COMPLETED, JOBSET_FAILED, Frame, K8sStandin, write_kubeconfig
 from test_trainjob import kubeconfig_at  # noqa: F401 - a fixture
 
 from tests.distributed.test_ddp import free_port, pod_environment
 from thaw import storage
+from thaw.cluster.launcher import train_on_trainjob
 from thaw.errors import ThawError
-from thaw.stage_job import train_on_trainjob
 
 pytestmark = pytest.mark.slow
 JOB = {"image": "registry.example.com/thaw:1.2", "num_nodes": 2.0, "gpus_per_node": 0.0,
@@ -66,8 +66,8 @@ class NodesStandin(K8sStandin):
             return Frame("Running")
         codes = [node.returncode for node in nodes]
         if codes and not any(codes):
-            return Frame("Succeeded", ("Complete", "JobSetCompleted", "jobset completed"))
-        return Frame("Failed", ("Failed", "FailedJobs", f"node exit codes {codes}"))
+            return Frame("Succeeded", JOBSET_COMPLETED)
+        return Frame("Failed", JOBSET_FAILED)
 
     def stop(self) -> None:
         for node in (n for nodes in self.nodes.values() for n in nodes):
