@@ -17,6 +17,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from thaw.class_lists import class_diff, class_names
 from thaw.data.prepared import PreparedDataset
 from thaw.errors import ThawError
 from thaw.params import HIGHER_IS_BETTER
@@ -150,8 +151,8 @@ def reason(decision: dict[str, Any], version: str) -> str:
     if kind == "class_change":
         change = decision["class_change"]
         head = (f"{me}, {mine}: classes changed ({class_diff(change['champion'], change['data'])}"
-                f"): champion {champ} was trained on {_names(change['champion'])}, this run's "
-                f"data has {_names(change['data'])}, so the two cannot be compared")
+                f"): champion {champ} was trained on {class_names(change['champion'])}, this run's "
+                f"data has {class_names(change['data'])}, so the two cannot be compared")
         return (f"{head}; promote_on_class_change is set: v{version} becomes champion"
                 if decision["promoted"] else
                 f"{head}; not promoted, champion stays {champ} (set promote_on_class_change "
@@ -174,21 +175,3 @@ def reason(decision: dict[str, Any], version: str) -> str:
     served = (f"; champion {champ} has other preprocessing, so it saw these images through "
               f"its own serving preprocessing" if old["val"].get("as_served") else "")
     return f"{head}: {verdict}. {tested}{served}"
-
-
-def class_diff(old: list[str], new: list[str], old_name: str = "the champion",
-               new_name: str = "this run") -> str:
-    """How class list ``new`` differs from ``old``, in words."""
-    gone, added = [c for c in old if c not in new], [c for c in new if c not in old]
-    if not gone and not added:
-        return "same classes, other order"
-    return "; ".join(part for part in (f"only {old_name} has {_names(gone)}" if gone else "",
-                                       f"only {new_name} has {_names(added)}" if added else "")
-                     if part)
-
-
-def _names(classes: list[str], shown: int = 20) -> str:
-    """A class list in a reason: all of it up to ``shown`` names (outcome.json has all)."""
-    if len(classes) <= shown:
-        return str(classes)
-    return f"{len(classes)} classes {classes[:shown]} and {len(classes) - shown} more"

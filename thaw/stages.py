@@ -11,6 +11,7 @@ from torch import nn
 
 from thaw.backbones import create_backbone
 from thaw.checkpoint import file_digest, load_checkpoint, model_from_checkpoint
+from thaw.class_lists import class_diff
 from thaw.config import StageConfig
 from thaw.data.prepared import PreparedDataset
 from thaw.errors import ThawError
@@ -56,8 +57,6 @@ def run_stage(
 def check_classes(source: str, trained: list[str], classes: list[str]) -> None:
     """Refuse a model trained on another class list (order included) than the data's: its
     head's outputs would be read as the wrong classes, or not fit at all."""
-    from thaw.champion import class_diff
-
     trained = list(trained)
     if trained == list(classes):
         return

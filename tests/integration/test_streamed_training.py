@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import SAMPLE_DIR, TEST_ARCH
 from thaw import storage
 from thaw.data.prepared import open_prepared
+from thaw.data.remote_shards import minimum_cache_bytes
 from thaw.steps import evaluate_step, preprocess_step, train_step
 
 pytestmark = pytest.mark.slow
@@ -33,8 +34,8 @@ def test_a_stage_trains_and_is_evaluated_on_streamed_shards(stack, tmp_path: Pat
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("THAW_SHARD_CACHE", str(cache))
-    # room for the largest shard only: the splits' shards take turns in the cache
-    monkeypatch.setenv("THAW_SHARD_CACHE_BYTES", str(max(sizes.values())))
+    # the smallest cache allowed: one reader's window and read-ahead
+    monkeypatch.setenv("THAW_SHARD_CACHE_BYTES", str(minimum_cache_bytes(sizes.values())))
     monkeypatch.delenv("THAW_CHECKPOINT_URI", raising=False)
     summary = train_step(prepared, tmp_path / "partial", stage="partial",
                          settings={"epochs": 1, "batch_size": 32}, arch=TEST_ARCH,

@@ -34,11 +34,13 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from thaw.data.remote_shards import (
+    READ_AHEAD_SHARDS,
     CachedShards,
     LocalShards,
     ShardInfo,
     default_cache_bytes,
     default_cache_dir,
+    stream_order,
 )
 from thaw.data.shards import (
     IMAGE_FORMATS,
@@ -59,8 +61,6 @@ _OPTIONAL_FIELDS = {"warnings", "image_format", "shard_location", "shard_sha256"
 # checkpoints record) is byte for byte what thaw wrote before the JPEG format existed.
 _OMITTED_AT_DEFAULT: dict[str, Any] = {"image_format": "raw", "shard_location": "",
                                        "shard_sha256": {}}
-# Shards of a streamed split that the sample order shuffles together (see `epoch_order`).
-SHUFFLE_WINDOW_SHARDS = 4
 
 
 @dataclass
@@ -364,26 +364,26 @@ class ImageSplit(Dataset):
             image = self.transform(image)
         return image, int(self.labels[index])
 
-    def epoch_order(self, seed: int, epoch: int) -> list[int]:
+    def epoch_order(self, seed: int, epoch: int, *, readers: int = 1,
+                    global_batch: int = 0) -> list[int]:
         """The order to read the split in for training epoch ``epoch``: a permutation of
-        ``range(len(self))`` fixed by (seed, epoch) alone, so a resumed run reads what an
-        uninterrupted one would.
+        ``range(len(self))`` fixed by (seed, epoch) (and, streamed, the readers), so a
+        resumed run reads what an uninterrupted one would.
 
         Shards in the folder: a uniform shuffle (``torch.randperm``). Streamed shards: the
-        shards in random order, taken `SHUFFLE_WINDOW_SHARDS` at a time, the samples of each
-        window shuffled together (mosaicml-streaming's py1b): a reader needs only the window's
-        shards in its cache, and each window holds every class (`thaw.data.shards`)."""
+        shards in random order, window-shuffled and, with ``readers`` ranks splitting global
+        batches of ``global_batch``, each rank's part from its own shards
+        (`thaw.data.remote_shards.stream_order`); the shards' order is also what the readers
+        of this split (DataLoader workers included) read ahead in."""
         if not self.streamed:
             return epoch_permutation(len(self), seed, epoch)
         generator = epoch_generator(seed, epoch)
         members = self.reader.members()
         shards = torch.randperm(len(members), generator=generator).tolist()
-        order: list[int] = []
-        for start in range(0, len(shards), SHUFFLE_WINDOW_SHARDS):
-            chosen = shards[start:start + SHUFFLE_WINDOW_SHARDS]
-            window = np.concatenate([members[number] for number in chosen])
-            order += window[torch.randperm(len(window), generator=generator).numpy()].tolist()
-        return order
+        self.reader.read_ahead_in(shards)
+        return stream_order(
+            members, shards, lambda n: torch.randperm(n, generator=generator).numpy(),
+            readers=readers, global_batch=global_batch)
 
     def storage_order(self) -> list[int]:
         """Every index once, shard after shard: the order to read a streamed split in when
@@ -422,10 +422,21 @@ class _JpegImages:
         self.index = prepared.index(split)
         self.shards = prepared.shards
         self.size = tuple(prepared.manifest.input_size)
+        # next[s]: the shards read after shard s (-1: none), in shared memory so that the
+        # DataLoader workers see each epoch's order; storage order until an epoch sets it
+        self.next = torch.full((len(self.names), READ_AHEAD_SHARDS), -1).share_memory_()
+        self.read_ahead_in(list(range(len(self.names))))
+
+    def read_ahead_in(self, shards: list[int]) -> None:
+        """Read ahead in the order ``shards`` from now on."""
+        following = torch.tensor(shards[1:] + [-1] * READ_AHEAD_SHARDS, dtype=torch.int64)
+        for step in range(READ_AHEAD_SHARDS):
+            self.next[shards, step] = following[step:step + len(shards)]
 
     def image(self, index: int) -> torch.Tensor:
         number, offset, length = (int(v) for v in self.index[index])
         name = self.names[number]
+        self.shards.prefetch(self.names[s] for s in self.next[number].tolist() if s >= 0)
         data = self.shards.read(name, offset, length)
         try:
             if len(data) != length:
