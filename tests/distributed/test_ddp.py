@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import SAMPLE_DIR
+from tests.distributed.launch import finish, free_port, pod_environment, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -33,31 +30,6 @@ SETTINGS = {"epochs": 2, "batch_size": 16, "lr": 1e-3, "augment": "crop", "seed"
 # the one-process run again with its LR changed by one part in a million: the spread
 # float rounding alone causes
 NUDGE = 1e-6
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def pod_environment(nodes: int, per_node: int, node_rank: int, port: int) -> dict[str, str]:
-    """The variables Kubeflow Trainer's torch runtime sets; torchrun reads them as flags."""
-    return {**os.environ, "PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": str(per_node),
-            "PET_NODE_RANK": str(node_rank), "PET_MASTER_ADDR": "127.0.0.1",
-            "PET_MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(args: list[str], env: dict[str, str], **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)
-
-
-def finish(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output[-4000:]
-    return output
 
 
 @pytest.fixture(scope="module")

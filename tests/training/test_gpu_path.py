@@ -19,8 +19,9 @@ from torchvision.transforms import v2
 
 from thaw.config import PIPELINE_DEFAULTS, stage_config
 from thaw.data.prepared import Manifest, PreparedDataset
-from thaw.training.distributed import SINGLE
-from thaw.training.feeds import BatchAugment, ImageFeed, augmentation
+from thaw.errors import ThawError
+from thaw.training.distributed import SINGLE, Distributed
+from thaw.training.feeds import BatchAugment, GlobalBatches, ImageFeed, augmentation
 from thaw.training.loop import Diverged, _train_epoch
 from thaw.training.optim import build_optimizer, build_scheduler
 
@@ -31,21 +32,24 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 @pytest.fixture(scope="module")
 def labelled_pixels(tmp_path_factory) -> PreparedDataset:
-    """40 train images whose label is written in their pixels: channel 0 is 40 * label
+    return _labelled(40, tmp_path_factory.mktemp("labelled"))
+
+
+def _labelled(size: int, root: Path) -> PreparedDataset:
+    """``size`` train images whose label is written in their pixels: channel 0 is 40 * label
     everywhere, channel 1 a left-to-right ramp (shows flips), channel 2 the image's index."""
-    root = tmp_path_factory.mktemp("labelled")
-    labels = np.arange(40) % len(CLASSES)
-    images = np.empty((40, SIZE, SIZE, 3), np.uint8)
+    labels = np.arange(size) % len(CLASSES)
+    images = np.empty((size, SIZE, SIZE, 3), np.uint8)
     images[..., 0] = (40 * labels)[:, None, None]
     images[..., 1] = np.linspace(0, 250, SIZE).round().astype(np.uint8)[None, None, :]
-    images[..., 2] = np.arange(40)[:, None, None]
+    images[..., 2] = np.arange(size)[:, None, None]
     shards = {}
-    for split, rows in (("train", slice(0, 40)), ("val", slice(0, 10))):
+    for split, rows in (("train", slice(0, size)), ("val", slice(0, 10))):
         np.save(root / f"images-{split}-00000.npy", images[rows])
         np.save(root / f"labels-{split}-00000.npy", labels[rows].astype(np.int64))
         shards[split] = [f"images-{split}-00000.npy"]
     counts = {split: {c: int((labels[rows] == i).sum()) for i, c in enumerate(CLASSES)}
-              for split, rows in (("train", slice(0, 40)), ("val", slice(0, 10)))}
+              for split, rows in (("train", slice(0, size)), ("val", slice(0, 10)))}
     manifest = Manifest(classes=CLASSES, class_to_idx={c: i for i, c in enumerate(CLASSES)},
                         counts=counts, input_size=[3, SIZE, SIZE], mean=MEAN, std=STD,
                         interpolation="bilinear", fingerprint="labelled-pixels", skipped=[],
@@ -97,6 +101,48 @@ def test_batched_augmentation_repeats_with_a_seed(labelled_pixels) -> None:
     assert torch.equal(first, again) and torch.equal(labels, labels_again)
     other, _ = _epoch(feed, epoch=2, seed=8)
     assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("size", [40, 37, 26])
+def test_processes_share_each_global_batch_with_the_crops_of_one_process(size, tmp_path
+                                                                        ) -> None:
+    """Two processes with batch 8 see the images, crops included, that one process with
+    batch 16 sees, each step's rows split between them; 37 = 2 x 16 + 5 and 26 = 16 + 10
+    leave a last step of their own, as one process has."""
+    data = _labelled(size, tmp_path)
+    one = _epoch(_feed(data, augment="crop_flip", seed=3), epoch=1)
+    ranks = [ImageFeed(nn.Identity(), data, torch.device("cpu"), batch_size=8,
+                       augment="crop_flip", seed=3, ranks=Distributed(rank, 2))
+             for rank in (0, 1)]
+    steps = []
+    for feed in ranks:  # each process seeds the global RNG alike (as _epoch does), then draws
+        torch.manual_seed(0)
+        steps.append(list(feed.batches("train", train=True, epoch=1)))
+    assert len(steps[0]) == len(steps[1]) == -(-size // 16)
+    together = [torch.cat([x0, x1]) for (x0, _), (x1, _) in zip(*steps, strict=True)]
+    assert torch.equal(torch.cat(together), one[0])
+
+
+@pytest.mark.parametrize("world", [2, 3, 5, 16])
+def test_no_process_gets_an_empty_share_and_the_epoch_is_covered_once(world) -> None:
+    """Every split size from ``world`` to 5 global batches, batch 4: whatever the last
+    global batch leaves, every process gets a share of every step, all steps have the
+    same count on every process, and the shares cover the epoch exactly once."""
+    batch = 4
+    for size in range(world, 5 * batch * world + 1):
+        samplers = [GlobalBatches(lambda epoch, n=size: list(range(n)), size, batch,
+                                  Distributed(rank, world)) for rank in range(world)]
+        shares = [list(sampler) for sampler in samplers]
+        assert len({len(steps) for steps in shares}) == 1, size
+        assert all(steps and all(steps) for steps in shares), size
+        assert sorted(i for steps in shares for share in steps for i in share) == list(
+            range(size)), size
+        assert all(len(share) <= batch + 1 for steps in shares for share in steps), size
+
+
+def test_a_split_smaller_than_the_processes_is_refused() -> None:
+    with pytest.raises(ThawError, match="2 images, fewer than the 3 training processes"):
+        GlobalBatches(lambda epoch: [0, 1], 2, 4, Distributed(0, 3))
 
 
 def _crop_share(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,17 +14,44 @@ Under ``torchrun`` (one process per GPU, or per CPU with gloo) the entry point
   once per epoch, with no padding and no dropped tail;
 - validation splits the data into contiguous parts without padding and gathers them back in
   order, so every rank computes the same metrics and takes the same early-stopping decision;
-- only rank 0 writes (checkpoints, MLflow, artifacts).
+- only rank 0 writes (checkpoints, MLflow, artifacts);
+- model initialisation, the data order and the crops are the same on every process.
+
+Two timeouts (torch 2.15.0, ``torch/distributed/distributed_c10d.py``: without ``timeout``
+``init_process_group`` takes ``default_pg_nccl_timeout``, 10 minutes, for NCCL and
+``default_pg_timeout``, 30 minutes, for gloo; ``ProcessGroupNCCL.hpp``: with
+``TORCH_NCCL_ASYNC_ERROR_HANDLING`` the watchdog aborts a process whose collective waited
+longer):
+
+- ``THAW_COLLECTIVE_TIMEOUT_S`` (default 1800): how long a training collective (gradient
+  all-reduce, loss and metric sums) may wait for the other processes;
+- ``THAW_RANK_WAIT_TIMEOUT_S`` (default 10800): how long the others may wait while one
+  process works alone (the node's first process downloads the prepared set, rank 0 saves,
+  mirrors checkpoints to S3, uploads the stage or rides out an MLflow outage). Those waits
+  are ``Distributed.barrier``: a ``monitored_barrier`` on a gloo group of their own, so no
+  NCCL collective is pending while they last and the watchdog has nothing to time out;
+  when the wait is over, the error names the processes that did not arrive.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from thaw.errors import ThawError
+
+COLLECTIVE_TIMEOUT_ENV = "THAW_COLLECTIVE_TIMEOUT_S"
+RANK_WAIT_TIMEOUT_ENV = "THAW_RANK_WAIT_TIMEOUT_S"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 30 * 60
+DEFAULT_RANK_WAIT_TIMEOUT_S = 3 * 60 * 60
+# The gloo group of Distributed.barrier (its own timeout); set by join_from_environment.
+_wait_group: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -58,19 +85,47 @@ class Distributed:
     def wrap(self, net: nn.Module) -> nn.Module:
         """``net`` in a new DDP wrapper (call after its trainable set is final), or ``net``.
 
-        BatchNorm statistics stay per process as in timm without ``--sync-bn`` (rank 0's are
-        broadcast before each forward); they only move with ``update_bn_stats``: frozen and,
-        by default, trainable BatchNorm use the running statistics, which makes the result
-        independent of how the global batch is split over GPUs."""
+        ``broadcast_buffers=False``: DDP would otherwise broadcast rank 0's buffers before
+        every forward, a collective per step (torch 2.15.0,
+        ``torch/nn/parallel/distributed.py``). Frozen BatchNorm, and by default every
+        BatchNorm (``update_bn_stats``), is in eval mode and never changes its running
+        statistics, which DDP's constructor made equal on every process; the model's other
+        buffers are constants. BatchNorm that does update them normalises each process's
+        share by its own batch statistics (as timm without ``--sync-bn``), and
+        ``average_batchnorm`` averages the running statistics over the processes once per
+        epoch (timm's ``distribute_bn(reduce=True)``)."""
         if not self.enabled:
             return net
         device = next(net.parameters()).device
         return nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+            net, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+
+    def average_batchnorm(self, model: nn.Module) -> None:
+        """Average the running statistics of the BatchNorm layers in training mode (those
+        that updated them this epoch) over the processes: one collective."""
+        if not self.enabled:
+            return
+        stats = [buffer for module in model.modules()
+                 if isinstance(module, _BatchNorm) and module.training
+                 and module.track_running_stats
+                 for buffer in (module.running_mean, module.running_var)]
+        if not stats:
+            return
+        flat = self.sum(torch.cat([buffer.flatten() for buffer in stats])) / self.world_size
+        for buffer, mean in zip(stats, flat.split([b.numel() for b in stats]), strict=True):
+            buffer.copy_(mean.view_as(buffer))
 
     def barrier(self) -> None:
-        if self.enabled:
+        """Wait until every process gets here, for up to ``THAW_RANK_WAIT_TIMEOUT_S`` (see
+        the module): the place to wait while one process works alone."""
+        if not self.enabled:
+            return
+        if _wait_group is None:  # a process group thaw did not start: its own timeout
             dist.barrier()
+            return
+        dist.monitored_barrier(_wait_group, timeout=rank_wait_timeout(),
+                               wait_all_ranks=True)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks (in place; returned)."""
@@ -106,20 +161,48 @@ def current() -> Distributed:
 
 def join_from_environment() -> Distributed:
     """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``
-    ...): NCCL on GPUs, gloo on CPUs. A lone process (no ``WORLD_SIZE`` or 1) joins nothing."""
+    ...): NCCL on GPUs, gloo on CPUs, with ``THAW_COLLECTIVE_TIMEOUT_S``; and the gloo group
+    of ``Distributed.barrier``, with ``THAW_RANK_WAIT_TIMEOUT_S``. A lone process (no
+    ``WORLD_SIZE`` or 1) joins nothing."""
+    global _wait_group
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return current()
+    collectives, waits = collective_timeout(), rank_wait_timeout()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=collectives)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=collectives)
+    _wait_group = dist.new_group(backend="gloo", timeout=waits)
     return current()
 
 
 def leave() -> None:
+    global _wait_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _wait_group = None
+
+
+def collective_timeout() -> timedelta:
+    """``THAW_COLLECTIVE_TIMEOUT_S`` (default 30 minutes): see the module."""
+    return _timeout(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S)
+
+
+def rank_wait_timeout() -> timedelta:
+    """``THAW_RANK_WAIT_TIMEOUT_S`` (default 3 hours): see the module."""
+    return _timeout(RANK_WAIT_TIMEOUT_ENV, DEFAULT_RANK_WAIT_TIMEOUT_S)
+
+
+def _timeout(variable: str, default: float) -> timedelta:
+    text = os.environ.get(variable, "").strip()
+    try:
+        seconds = float(text) if text else default
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ThawError(f"{variable}={text!r}: give a positive number of seconds")
+    return timedelta(seconds=seconds)
 
 
 def share(total: int, parts: int, index: int) -> tuple[int, int]:

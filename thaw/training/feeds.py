@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset
 
 from thaw.data.prepared import ImageSplit, PreparedDataset, epoch_permutation
+from thaw.errors import ThawError
 from thaw.training.distributed import SINGLE, Distributed, share
 
 # Batches each DataLoader worker keeps ready (torch's default). With the default 2 workers
@@ -34,7 +35,8 @@ class BatchAugment:
     ever enlarges: bilinear sampling needs no antialiasing.
 
     Random draws come from torch's global generator on the batch's device, which the loop
-    reseeds every epoch, so a seed repeats them. Returns the input's dtype (uint8 rounded).
+    reseeds every epoch (the same seed on every process), so a seed repeats them. Returns
+    the input's dtype (uint8 rounded).
     """
 
     TRIES = 10
@@ -51,8 +53,8 @@ class BatchAugment:
                  ) -> torch.Tensor:
         """Augmented ``images``. ``rows`` = (global batch size, start, stop): these images
         are rows start:stop of a global batch split over processes; every process draws the
-        whole global batch's crops and uses its rows, so the crops do not depend on the
-        number of processes."""
+        whole global batch's crops and uses its rows, so each image gets its own crop and the
+        crops do not depend on the number of processes."""
         batch = images if images.ndim == 4 else images[None]
         x = batch if batch.is_floating_point() else batch.float()
         total, start, stop = rows or (len(x), 0, len(x))
@@ -127,10 +129,22 @@ class GlobalBatches(Sampler[list[int]]):
     set ``epoch`` before iterating) cut into global batches of ``batch_size * world_size``,
     each cut into contiguous shares (``distributed.share``). One process gets exactly the
     batches ``DataLoader(sampler=EpochShuffle, batch_size)`` gave; several together cover the
-    epoch exactly once (a share of the last, short global batch may be empty)."""
+    epoch exactly once, and every process gets a share of every step.
+
+    A last global batch shorter than ``world_size`` would leave some processes an empty
+    share (an empty batch, which no collate, BatchNorm or DDP step takes): its images join
+    the step before, whose global batch grows by fewer than ``world_size`` images (at most
+    one more per process). Padding with repeated images would count them twice in the
+    gradient and in BatchNorm statistics, dropping them would skip images, and DDP's ``Join``
+    shadows only DDP's own all-reduce, not the loss sums of the step; this keeps every
+    image once per epoch, every step's gradient the mean over its global batch, and the
+    same number of steps on every process."""
 
     def __init__(self, order: Callable[[int], Sequence[int]], size: int, batch_size: int,
                  ranks: Distributed) -> None:
+        if size < ranks.world_size:
+            raise ThawError(f"the training split has {size} images, fewer than the "
+                            f"{ranks.world_size} training processes: train on fewer")
         self.order = order
         self.size = size
         self.ranks = ranks
@@ -146,11 +160,13 @@ class GlobalBatches(Sampler[list[int]]):
 
     def rows(self, step: int) -> tuple[int, int, int]:
         """(global batch size, start, stop) of this process's rows in ``step``'s batch."""
-        total = min(self.global_batch, self.size - step * self.global_batch)
+        last = step == len(self) - 1
+        total = self.size - step * self.global_batch if last else self.global_batch
         return (total, *share(total, self.ranks.world_size, self.ranks.rank))
 
     def __len__(self) -> int:
-        return -(-self.size // self.global_batch)
+        full, tail = divmod(self.size, self.global_batch)
+        return full + (tail >= self.ranks.world_size or full == 0)
 
 
 class ImageFeed:
@@ -183,12 +199,13 @@ class ImageFeed:
         """(normalised float images, labels) on the device; ``train`` shuffles by (seed,
         epoch) and augments. Under DDP: this process's share (see the class)."""
         loader = self._loader(split, train)
+        augment = self.augment if train else None
         if train:
             loader.batch_sampler.epoch = epoch
         for step, (images, labels) in enumerate(loader):
             images = images.to(self.device, non_blocking=True).float()
-            if train and self.augment is not None:
-                images = self.augment(images, loader.batch_sampler.rows(step))
+            if augment is not None:
+                images = augment(images, loader.batch_sampler.rows(step))
             yield self.normalise(images), labels.to(self.device, non_blocking=True)
 
     def steps_per_epoch(self) -> int:
@@ -206,9 +223,12 @@ class ImageFeed:
             dataset = ImageSplit(self.data, split)
             if train:
                 # a streamed split orders its samples shard by shard; else a permutation
-                batching = {"batch_sampler": GlobalBatches(
-                    partial(dataset.epoch_order, self.seed), len(dataset), self.batch_size,
-                    self.ranks)}
+                # (streamed: each rank's rows of a global batch from its own shards)
+                order = partial(dataset.epoch_order, self.seed,
+                                readers=self.ranks.world_size,
+                                global_batch=self.batch_size * self.ranks.world_size)
+                batching = {"batch_sampler": GlobalBatches(order, len(dataset),
+                                                           self.batch_size, self.ranks)}
             else:
                 # shard by shard: a streamed split is then fetched once, whatever the cache
                 order = dataset.storage_order()

@@ -105,7 +105,9 @@ def train_stage(
     prepared data (manifest digest) and the same ``start_point`` (what the model started
     from: the previous stage's checkpoint digest, or the backbone and its weights).
     Each epoch reseeds the global RNG from (seed, epoch), so a resumed run draws the same
-    augmentations and dropout masks as an uninterrupted one.
+    augmentations and dropout masks as an uninterrupted one. Every process uses that seed:
+    crops are drawn for the whole global batch (each process keeps its rows), so they do not
+    depend on the number of processes.
 
     Training steps never wait for the device: the loss sum and the correct count stay on it
     and are read once per epoch, and a non-finite loss is caught there too (and every
@@ -118,7 +120,10 @@ def train_stage(
     every global batch of ``cfg.batch_size * world_size`` images in a fresh DDP wrapper;
     the learning rates scale with the global batch by ``lr_scale``; every process computes
     the same metrics and takes the same decisions, and only rank 0 writes files or calls
-    ``on_epoch_end``.
+    ``on_epoch_end``. The others wait for rank 0's writes and ``on_epoch_end`` (an MLflow
+    outage: minutes of retries) in ``Distributed.barrier`` after every epoch, under
+    ``THAW_RANK_WAIT_TIMEOUT_S``, not in the next step's collectives, which time out after
+    ``THAW_COLLECTIVE_TIMEOUT_S``.
     """
     ranks = distributed.current()
     device = device or default_device()
@@ -180,6 +185,7 @@ def train_stage(
         log.info("%s epoch 0/%d: starting point %s", cfg.name, cfg.epochs, _brief(record))
         if on_epoch_end and ranks.is_main:
             on_epoch_end(record)
+        ranks.barrier()  # rank 0 alone: the best checkpoint, its mirror, on_epoch_end
     path = regularisation_path(cfg.epochs) if cfg.solver == "lbfgs" else []
     for epoch in range(state["epoch"], cfg.epochs):
         if state["bad_epochs"] >= cfg.patience or state.get("diverged"):
@@ -216,6 +222,7 @@ def train_stage(
         log.info("%s epoch %d/%d: %s", cfg.name, epoch + 1, cfg.epochs, _brief(record))
         if on_epoch_end and ranks.is_main:
             on_epoch_end(record)
+        ranks.barrier()  # rank 0 alone: checkpoints, their mirror, on_epoch_end
     state["wall_seconds"] += time.perf_counter() - start
     if ranks.is_main:
         save_checkpoint(last_path, model, meta, optimizer=optimizer.state_dict(),
@@ -313,8 +320,7 @@ def _train_epoch(model, feed, optimizer, scheduler, criterion, epoch, steps_per_
     device = feed.device
     guard = DivergenceGuard(optimizer, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, seen
     tick = time.perf_counter()
     ranks = feed.ranks
     for step, (x, y) in enumerate(feed.batches("train", train=True, epoch=epoch), start=1):
@@ -327,16 +333,16 @@ def _train_epoch(model, feed, optimizer, scheduler, criterion, epoch, steps_per_
         optimizer.step()
         scheduler.step_update(epoch * steps_per_epoch + step)
         loss_sum += batch_loss * batch_size
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
+        counts[0] += (logits.detach().argmax(1) == y).sum()
+        counts[1] += len(y)
         if step % DIVERGENCE_CHECK_STEPS == 0:
             guard.check(epoch)
     guard.check(epoch)
-    correct = ranks.sum(correct)
-    seen = int(ranks.sum(torch.tensor(seen, device=device)))
-    total_loss, total_correct = torch.stack([loss_sum, correct.double()]).tolist()
-    return {"train_loss": total_loss / seen, "train_accuracy": total_correct / seen,
-            "train_images": seen, "train_seconds": time.perf_counter() - tick}
+    ranks.average_batchnorm(model)
+    counts = ranks.sum(counts)
+    total_loss, correct, seen = torch.cat([loss_sum.view(1), counts.double()]).tolist()
+    return {"train_loss": total_loss / seen, "train_accuracy": correct / seen,
+            "train_images": int(seen), "train_seconds": time.perf_counter() - tick}
 
 
 def _batch_loss(criterion: nn.CrossEntropyLoss, logits: torch.Tensor, y: torch.Tensor,
@@ -346,17 +352,16 @@ def _batch_loss(criterion: nn.CrossEntropyLoss, logits: torch.Tensor, y: torch.T
     One process: ``criterion``'s mean. Under DDP each process backpropagates its share of
     the *global* batch's (class-weighted) mean, scaled by ``world_size`` because DDP
     averages gradients over processes: the update is the one a single process would make on
-    the whole global batch, however unevenly its last batch is split (a share may be empty).
+    the whole global batch, however unevenly its last batch is split over the processes.
     """
     if not ranks.enabled:
         loss = criterion(logits, y)
         return loss, loss.detach(), len(y)
     per_sample = F.cross_entropy(logits, y, weight=criterion.weight, reduction="none",
                                  label_smoothing=criterion.label_smoothing)
-    weights = (criterion.weight[y] if criterion.weight is not None
-               else torch.ones_like(per_sample))
-    totals = ranks.sum(torch.stack([weights.sum(), torch.tensor(len(y), device=y.device,
-                                                                dtype=weights.dtype)]))
+    ones = torch.ones_like(per_sample)  # counted on the device: no copy from the host
+    weights = criterion.weight[y] if criterion.weight is not None else ones
+    totals = ranks.sum(torch.stack([weights.sum(), ones.sum()]))
     loss = per_sample.sum() * ranks.world_size / totals[0]
     batch_loss = ranks.sum(loss.detach().clone()) / ranks.world_size
     return loss, batch_loss, totals[1]
