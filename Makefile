@@ -18,7 +18,7 @@ IMAGE_ENV = IMAGE='$(IMAGE)' VERSION='$(VERSION)' BASE_IMAGE='$(BASE_IMAGE)' \
 	PREFETCH_BACKBONES='$(PREFETCH_BACKBONES)' CONTAINER_ENGINE='$(CONTAINER_ENGINE)'
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo compile bench bench-quality bench-throughput sample-data stack-up stack-down clean
+.PHONY: help install test test-fast lint format demo compile bench bench-quality bench-throughput gpu-check sample-data stack-up stack-down clean
 .PHONY: image image-name image-if-engine push base-image e2e-kind
 
 help: ## list the targets
@@ -60,6 +60,9 @@ bench-quality: install ## thaw vs the textbook script: 4 datasets, 2 budgets, 3 
 bench-throughput: install ## loop images/s vs the model's own on device tensors, then preprocess images/s, RSS and disk at 10k/100k images; JSON out (BENCH_ARGS for the loop)
 	$(PY) benchmarks/throughput.py $(BENCH_ARGS)
 	$(PY) benchmarks/throughput_preprocess.py
+
+gpu-check: install ## GPU acceptance run on one CUDA GPU (<= 8 min): ResNet-50 loop vs device tensors +- torch.compile, host-sync check, torchrun stage; JSON out (BENCH_ARGS=--dry-run: CPU)
+	$(PY) benchmarks/gpu_check.py $(BENCH_ARGS)
 
 sample-data: install ## regenerate the committed Fashion-MNIST sample (needs dataset-fashion-mnist)
 	$(PY) -m thaw.data.fashion_mnist --out thaw/sample_data/fashion-mnist-sample --per-class 60
