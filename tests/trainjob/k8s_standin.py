@@ -44,11 +44,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from crd_schema import prune, unknown_fields
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from tests.loopback import LoopbackServer, Recorded, serving
+from tests.trainjob.crd_schema import prune, unknown_fields
 
 NOW = "2026-11-24T10:00:00Z"
 TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
