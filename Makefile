@@ -14,6 +14,9 @@ PREFETCH_BACKBONES ?=
 # The KFP release `make e2e-kind` installs: a tag, or minimum (MIN_KFP_BACKEND of the pipeline).
 KFP_VERSION ?= minimum
 CONTAINER_ENGINE ?=
+# Test processes of `make test` (pytest-xdist; each test file stays in one process, so its
+# module fixtures are built once): one per core.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 IMAGE_ENV = IMAGE='$(IMAGE)' VERSION='$(VERSION)' BASE_IMAGE='$(BASE_IMAGE)' \
 	PREFETCH_BACKBONES='$(PREFETCH_BACKBONES)' CONTAINER_ENGINE='$(CONTAINER_ENGINE)'
 
@@ -32,8 +35,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install thaw with its dev extras (once)
 
-test: install image-if-engine ## every test tier on CPU, the image built and run (PYTEST_ARGS to narrow)
-	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest $(PYTEST_ARGS)
+test: install image-if-engine ## every test tier on CPU, the image built and run (PYTEST_ARGS to narrow, TEST_WORKERS=0 for one process)
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install ## only the fast unit and data tests
 	$(PY) -m pytest -m "not slow and not e2e and not container"
