@@ -27,6 +27,7 @@ from thaw.config import STAGE_NAMES, stage_config
 from thaw.data.prepare import prepare_dataset
 from thaw.data.prepared import open_prepared
 from thaw.errors import ThawError
+from thaw.stage_run import StageRun
 
 STAGE_RUN_FILE = "stage_run.json"
 OUTCOME_FILE = "outcome.json"
@@ -102,31 +103,33 @@ def train_step(prepared_dir: Path, out_dir: Path, *, stage: str, settings: dict[
         except BaseException as err:
             _record_bad_input(err, checkpoint_uri)  # any rank may be the one that saw it
             raise
-    parent = tracking.ensure_parent_run(experiment, pipeline_run_id)
-    run_id = tracking.start_stage_run(parent, stage, {
+    stage_run = StageRun(experiment, pipeline_run_id, stage, {
         **cfg.to_dict(), "arch": arch, "weights": weights if init_dir is None else "previous stage",
-        "data_fingerprint": data.manifest.fingerprint, "classes": len(data.manifest.classes)})
-    mlflow_views.log_source_dataset(run_id, data.manifest)
-    log_epoch = tracking.epoch_logger(run_id)
+        "data_fingerprint": data.manifest.fingerprint, "classes": len(data.manifest.classes)},
+        data.manifest)
+    stage_run.try_open()  # MLflow down: training goes on, the run opens later
     try:
         result = run_stage(
             data, cfg, Path(out_dir), arch=arch, weights=weights,
             init_checkpoint=Path(init_dir) / "best.pt" if init_dir else None,
-            on_epoch_end=log_epoch, checkpoint_uri=checkpoint_uri,
+            on_epoch_end=stage_run, checkpoint_uri=checkpoint_uri,
         )
     except BaseException as err:
-        _record_stage_failure(err, run_id, checkpoint_uri)
+        stage_run.fail(err)
+        _record_bad_input(err, checkpoint_uri)
         raise
     summary = result.to_dict()
-    storage.write_json_atomic(Path(out_dir) / STAGE_RUN_FILE, {"run_id": run_id, "stage": stage})
     try:
-        log_epoch.flush()
-        tracking.finish_stage_run(run_id, summary)
+        run_id = stage_run.open()
+        storage.write_json_atomic(Path(out_dir) / STAGE_RUN_FILE,
+                                  {"run_id": run_id, "stage": stage})
+        stage_run.finish(summary)
     except storage.Unreachable as err:
         raise storage.Unreachable(
-            f"stage {stage} trained and its outputs are complete in {out_dir}, but MLflow run "
-            f"{run_id} could not be finished: {err}. Run the step again once MLflow is "
-            "back: it resumes from the stage's checkpoints") from err
+            f"stage {stage} trained and its outputs are complete in {out_dir}, but its MLflow "
+            f"run {stage_run.run_id or '(never opened)'} could not be finished: {err}. Run "
+            "the step again once MLflow is back: it resumes from the stage's checkpoints"
+        ) from err
     log.info(SUMMARY, f"{stage}: best val macro-F1 {result.best_val['macro_f1']:.3f} "
                       f"(epoch {result.best_epoch})")
     return summary
@@ -141,14 +144,6 @@ def _train_in_processes(processes: int, prepared_dir: Path, out_dir: Path, *,
         prepared=str(prepared_dir), out=str(out_dir),
         init=str(init_dir) if init_dir else None, **step))
     return stage_record(Path(out_dir), "result.json")
-
-
-def _record_stage_failure(err: BaseException, run_id: str, checkpoint_uri: str | None) -> None:
-    """Mark the stage's run failed and, for bad input, leave the marker that stops retries.
-    Neither may hide ``err`` (MLflow or S3 may be down as well)."""
-    tracking.best_effort(err, f"mark MLflow run {run_id} failed",
-                         lambda: tracking.fail_run(run_id, str(err)))
-    _record_bad_input(err, checkpoint_uri)
 
 
 def _record_bad_input(err: BaseException, checkpoint_uri: str | None) -> None:

@@ -135,10 +135,11 @@ class EpochLogger:
     A tracking outage must not kill hours of training, so a failed call only warns and
     keeps the epoch's metrics: they go with the next epoch's, or with ``flush()`` at the
     end, so MLflow catches up once the server is back (the whole history is in
-    ``result.json`` as well).
+    ``result.json`` as well). With ``run_id`` None (the run could not be opened yet, see
+    ``thaw.stage_run``) it only keeps them.
     """
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str | None) -> None:
         self.run_id = run_id
         self.pending: list[Metric] = []
         self._client = MlflowClient()
@@ -160,7 +161,7 @@ class EpochLogger:
             self._send()
 
     def _send(self) -> None:
-        while self.pending:
+        while self.pending and self.run_id is not None:
             batch = self.pending[:_METRICS_PER_BATCH]
             self._client.log_batch(self.run_id, metrics=batch)
             del self.pending[:len(batch)]

@@ -6,20 +6,17 @@ test compares (this file's own writes, per rank).
 usage: torchrun uneven_worker.py PREPARED OUT DUMP SETTINGS_JSON
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
+from worker_setup import epoch_shares, start_worker
 
-from thaw.backbones import create_backbone
 from thaw.config import stage_config
-from thaw.data.prepared import ImageSplit, open_prepared
 from thaw.tracking import epoch_logger
 from thaw.training import distributed, train_stage
-from thaw.training.feeds import GlobalBatches
 
 
 class HostValues(TorchFunctionMode):
@@ -48,23 +45,13 @@ class HostValues(TorchFunctionMode):
 
 
 def main(prepared: str, out: str, dump: str, settings: str) -> None:
-    ranks = distributed.join_from_environment()
-    data = open_prepared(prepared)
-    settings = json.loads(settings)
-    torch.manual_seed(settings["seed"])
-    model = create_backbone("efficientnet_lite0", len(data.manifest.classes), "packaged")
+    ranks, data, settings, model = start_worker(prepared, settings)
     cfg = stage_config("partial", **settings)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     watch = HostValues()
     with watch:
         result = train_stage(model, data, cfg, Path(out), on_epoch_end=epoch_logger("unheard"))
-    train = ImageSplit(data, "train")  # the order the feed's sampler asked it for
-    batches = GlobalBatches(lambda epoch: train.epoch_order(settings["seed"], epoch),
-                            len(train), settings["batch_size"], ranks)
-    shares = []
-    for epoch in range(settings["epochs"]):
-        batches.epoch = epoch
-        shares.append(list(batches))
+    shares = epoch_shares(data, settings, ranks)
     torch.save({"rank": ranks.rank, "world_size": ranks.world_size, "history": result.history,
                 "start": start, "state": model.state_dict(), "shares": shares,
                 "batchnorm_updated": sorted(

@@ -68,6 +68,9 @@ class FlakyProxy:
                 _reset(sock)
             self._open.clear()
 
+    def up(self) -> None:
+        self._down_until = 0.0
+
     def trip_on(self, marker: bytes, seconds: float = math.inf) -> None:
         self._trip = (marker, seconds)
 
@@ -284,6 +287,59 @@ def test_mlflow_down_after_training_keeps_the_model_and_fails_clearly(
     assert summary["best_epoch"] == result["best_epoch"]
     assert summary["best_val"] == result["best_val"]
     assert _stage_run(stack, out).info.status == "FINISHED"
+
+
+class _BringBackOn(logging.Handler):
+    """Brings ``proxy`` back up when a record containing ``text`` is logged: the outage
+    ends exactly after training went on without MLflow, whatever the machine's speed."""
+
+    def __init__(self, proxy: FlakyProxy, text: str) -> None:
+        super().__init__()
+        self.proxy, self.text, self.seen = proxy, text, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen += 1
+            self.proxy.up()
+
+
+@pytest.mark.slow
+def test_mlflow_down_as_a_stage_starts_does_not_stop_training(
+        stack, mlflow_proxy, prepared_sample, tmp_path, monkeypatch):
+    """Issue 20: a tracking outage must never kill training. MLflow is down when the stage
+    starts; training goes on, and the run opens at the first epoch end with its params,
+    its dataset and every epoch's metrics."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow_proxy.down()
+    bring_back = _BringBackOn(mlflow_proxy, "goes on without its MLflow run")
+    logging.getLogger("thaw.stage_run").addHandler(bring_back)
+    try:
+        summary = _train(prepared_sample.root, tmp_path / "out",
+                         settings={**PROBE, "epochs": 2, "patience": 5})
+    finally:
+        logging.getLogger("thaw.stage_run").removeHandler(bring_back)
+    assert bring_back.seen == 1 and mlflow_proxy.dropped > 0
+    run = _stage_run(stack, tmp_path / "out")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["arch"] == TEST_ARCH
+    history = _direct(stack).get_metric_history(run.info.run_id, "val_macro_f1")
+    assert sorted(m.step for m in history) == [r["epoch"] for r in summary["history"]]
+    assert len(history) == 3  # the starting point (epoch 0) and both epochs
+    assert len(run.inputs.dataset_inputs) == 1
+
+
+@pytest.mark.slow
+def test_mlflow_down_for_a_whole_stage_keeps_the_model_and_fails_at_the_end(
+        stack, mlflow_proxy, prepared_sample, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow_proxy.down()
+    out = tmp_path / "out"
+    with pytest.raises(Unreachable, match=r"stage probe trained and its outputs are complete "
+                                          r".*run \(never opened\).*Run the step again"):
+        _train(prepared_sample.root, out)
+    result = json.loads((out / "result.json").read_text())
+    assert load_checkpoint(out / "best.pt")["meta"]["epoch"] == result["best_epoch"]
+    assert not (out / STAGE_RUN_FILE).exists()
 
 
 @pytest.mark.slow

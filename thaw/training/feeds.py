@@ -34,9 +34,10 @@ class BatchAugment:
     thaw passes the stored size, and a crop is never larger than the image, so resizing only
     ever enlarges: bilinear sampling needs no antialiasing.
 
-    Random draws come from torch's global generator on the batch's device, which the loop
-    reseeds every epoch (the same seed on every process), so a seed repeats them. Returns
-    the input's dtype (uint8 rounded).
+    Random draws come from ``generator`` (``ImageFeed`` passes one seeded by (seed, epoch),
+    the same on every process, apart from the global generator that dropout draws from, which
+    differs per process), or torch's global one on the batch's device, so a seed repeats
+    them. Returns the input's dtype (uint8 rounded).
     """
 
     TRIES = 10
@@ -49,8 +50,8 @@ class BatchAugment:
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.ratio = ratio
 
-    def __call__(self, images: torch.Tensor, rows: tuple[int, int, int] | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, rows: tuple[int, int, int] | None = None, *,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Augmented ``images``. ``rows`` = (global batch size, start, stop): these images
         are rows start:stop of a global batch split over processes; every process draws the
         whole global batch's crops and uses its rows, so each image gets its own crop and the
@@ -58,7 +59,7 @@ class BatchAugment:
         batch = images if images.ndim == 4 else images[None]
         x = batch if batch.is_floating_point() else batch.float()
         total, start, stop = rows or (len(x), 0, len(x))
-        theta = self.crops(total, x.shape[-2:], x.device)[start:stop]
+        theta = self.crops(total, x.shape[-2:], x.device, generator)[start:stop]
         grid = F.affine_grid(theta, [len(x), x.shape[1], *self.size], align_corners=False)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border",
                             align_corners=False)
@@ -66,11 +67,15 @@ class BatchAugment:
             out = out.round_().clamp_(0, 255).to(batch.dtype)
         return out if images.ndim == 4 else out[0]
 
-    def crops(self, n: int, size: torch.Size, device: torch.device) -> torch.Tensor:
+    def crops(self, n: int, size: torch.Size, device: torch.device,
+              generator: torch.Generator | None = None) -> torch.Tensor:
         """(n, 2, 3) affine maps from output to input coordinates, one crop (and flip) each."""
         height, width = size
-        area = torch.empty(n, self.TRIES, device=device).uniform_(*self.scale) * height * width
-        aspect = torch.exp(torch.empty(n, self.TRIES, device=device).uniform_(*self.log_ratio))
+        draw = {"device": device, "generator": generator}
+        area = (torch.empty(n, self.TRIES, device=device)
+                .uniform_(*self.scale, generator=generator) * height * width)
+        aspect = torch.exp(torch.empty(n, self.TRIES, device=device)
+                           .uniform_(*self.log_ratio, generator=generator))
         w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
         fits = (w <= width) & (h <= height)
         first = fits.int().argmax(1, keepdim=True)  # the first try that fits
@@ -79,11 +84,11 @@ class BatchAugment:
         w = torch.where(found, w.gather(1, first)[:, 0], fallback_w)
         h = torch.where(found, h.gather(1, first)[:, 0], fallback_h)
         # a random place for a crop that fitted, the centre for the fallback
-        place = torch.where(found[:, None], torch.rand(n, 2, device=device), 0.5)
+        place = torch.where(found[:, None], torch.rand(n, 2, **draw), 0.5)
         left, top = place[:, 0] * (width - w), place[:, 1] * (height - h)
         sign = torch.ones(n, device=device)
         if self.flip:
-            sign = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+            sign = torch.where(torch.rand(n, **draw) < 0.5, -1.0, 1.0)
         theta = torch.zeros(n, 2, 3, device=device)
         theta[:, 0, 0] = sign * w / width
         theta[:, 0, 2] = (left + w / 2) / width * 2 - 1
@@ -99,6 +104,15 @@ class BatchAugment:
         if width / height > high:
             return height * high, float(height)
         return float(width), float(height)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of epoch ``epoch`` (0-based) of a run with ``seed``: of the crops (``rank``
+    0, the same on every process), and of the global generator that dropout and drop-path
+    draw from on process ``rank``, so the processes of a data-parallel stage draw different
+    masks, as as many images on one device would. A resumed run draws what an uninterrupted
+    one would have."""
+    return seed * 100_003 + epoch + 1 + rank * 1_000_000_007
 
 
 def augmentation(policy: str, size: list[int]) -> BatchAugment | None:
@@ -200,12 +214,14 @@ class ImageFeed:
         epoch) and augments. Under DDP: this process's share (see the class)."""
         loader = self._loader(split, train)
         augment = self.augment if train else None
+        crops = None
         if train:
             loader.batch_sampler.epoch = epoch
+            crops = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, epoch))
         for step, (images, labels) in enumerate(loader):
             images = images.to(self.device, non_blocking=True).float()
             if augment is not None:
-                images = augment(images, loader.batch_sampler.rows(step))
+                images = augment(images, loader.batch_sampler.rows(step), generator=crops)
             yield self.normalise(images), labels.to(self.device, non_blocking=True)
 
     def steps_per_epoch(self) -> int:

@@ -24,7 +24,7 @@ from thaw.errors import ThawError
 from thaw.evaluation import classification_metrics
 from thaw.storage import write_json_atomic
 from thaw.training import distributed
-from thaw.training.feeds import FeatureFeed, ImageFeed
+from thaw.training.feeds import FeatureFeed, ImageFeed, epoch_seed
 from thaw.training.freeze import apply_trainable, set_train_mode
 from thaw.training.optim import build_optimizer, build_scheduler
 from thaw.training.probe import fit_logistic, regularisation_path
@@ -104,10 +104,11 @@ def train_stage(
     A checkpoint is resumed only if it was written for the same stage settings, the same
     prepared data (manifest digest) and the same ``start_point`` (what the model started
     from: the previous stage's checkpoint digest, or the backbone and its weights).
-    Each epoch reseeds the global RNG from (seed, epoch), so a resumed run draws the same
-    augmentations and dropout masks as an uninterrupted one. Every process uses that seed:
-    crops are drawn for the whole global batch (each process keeps its rows), so they do not
-    depend on the number of processes.
+    Each epoch reseeds the crops from (seed, epoch) and the global RNG (dropout) from
+    (seed, epoch, rank) (``feeds.epoch_seed``), so a resumed run draws the same augmentations
+    and dropout masks as an uninterrupted one. Every process draws the same crops for the
+    whole global batch (each keeps its rows), so they do not depend on the number of
+    processes; dropout masks differ per process, as they would per image on one device.
 
     Training steps never wait for the device: the loss sum and the correct count stay on it
     and are read once per epoch, and a non-finite loss is caught there too (and every
@@ -191,7 +192,7 @@ def train_stage(
         if state["bad_epochs"] >= cfg.patience or state.get("diverged"):
             break
         epoch_start = time.perf_counter()
-        torch.manual_seed(cfg.seed * 100_003 + epoch + 1)
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, ranks.rank))  # dropout: per process
         try:
             if path:
                 features, labels = feed.features["train"].tensors
