@@ -11,40 +11,22 @@ Weight sources (``weights=``):
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from timm.models import group_parameters
 from torch import nn
 
 from thaw import storage
+from thaw.backbone_contract import StageGroups, classifier_modules, size_kwargs, stage_groups
 from thaw.checkpoint import read_error
 from thaw.errors import ThawError
 from thaw.params import PACKAGED_BACKBONE
 
-
-@dataclass(frozen=True)
-class StageGroups:
-    """Parameter names of a model split the way staged fine-tuning needs it.
-
-    ``backbone`` lists timm's coarse groups (stem first); the last of them is the
-    "last stage" (``layer4`` on a ResNet, ``blocks.6`` + ``conv_head`` on EfficientNet).
-    """
-
-    head: list[str]
-    backbone: list[list[str]]
-
-    def trainable(self, which: str) -> set[str]:
-        if which == "head":
-            return set(self.head)
-        if which == "last_stage":
-            return set(self.head) | set(self.backbone[-1])
-        if which == "all":
-            return set(self.head).union(*self.backbone)
-        raise ThawError(f"unknown trainable set {which!r}")
+# Stage groups live in thaw.backbone_contract (parameter checking uses them without torch
+# weights); they are part of this module's interface.
+__all__ = ["StageGroups", "create_backbone", "data_config", "model_name", "stage_groups"]
 
 
 def data_config(arch: str, image_size: int | None = None) -> dict[str, Any]:
@@ -67,8 +49,12 @@ def data_config(arch: str, image_size: int | None = None) -> dict[str, Any]:
     }
 
 
-def create_backbone(arch: str, num_classes: int, weights: str = "hub") -> nn.Module:
-    """A timm model with weights from ``weights`` and a fresh ``num_classes`` head.
+def create_backbone(arch: str, num_classes: int, weights: str = "hub",
+                    image_size: int | None = None) -> nn.Module:
+    """A timm model with weights from ``weights`` and a fresh ``num_classes`` head, built for
+    ``image_size`` inputs (None: its default size) the way timm does it: ``img_size`` for
+    models whose size is built in, whose hub weights timm then resamples (position
+    embeddings, relative-position tables). A distilled model gets both heads replaced.
 
     The head is re-created with PyTorch's default ``nn.Linear`` init after the weights are
     in: timm's own init of some heads (EfficientNet) starts with a loss near 6 and costs
@@ -78,16 +64,17 @@ def create_backbone(arch: str, num_classes: int, weights: str = "hub") -> nn.Mod
         raise ThawError(f"a classifier needs at least 2 classes, got {num_classes}")
     if timm.get_pretrained_cfg(arch) is None and arch not in timm.list_models():
         raise ThawError(f"unknown backbone {arch!r}: not a timm model name")
+    size = size_kwargs(arch, image_size)
     if weights == "hub":
         try:
-            model = timm.create_model(arch, pretrained=True)
+            model = timm.create_model(arch, pretrained=True, **size)
         except Exception as err:  # network, auth or missing-weights errors from the hub
             raise ThawError(
                 f"could not fetch hub weights for {arch!r} ({err}); with no network use "
                 f"weights='packaged' ({PACKAGED_BACKBONE}) or a checkpoint file"
             ) from err
     else:
-        model = timm.create_model(arch, pretrained=False)
+        model = timm.create_model(arch, pretrained=False, **size)
         if weights == "packaged":
             _load_packaged(model, arch)
         elif weights != "none":
@@ -135,11 +122,10 @@ def _load_file(model: nn.Module, uri: str) -> None:
             state = timm.models.load_state_dict(str(path), weights_only=True)
         except Exception as err:  # a refused pickle is named as such (thaw.checkpoint)
             raise read_error("weights file", uri, err) from err
-    classifier = {f"{name}.{suffix}" for name, _ in _classifier_modules(model)
-                  for suffix in ("weight", "bias")}
-    state = {k: v for k, v in state.items() if k not in classifier}
+    classifier = tuple(f"{name}." for name, _ in classifier_modules(model))
+    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
     target = model.state_dict()
-    missing = [k for k in target if k not in state and k not in classifier]
+    missing = [k for k in target if k not in state and not k.startswith(classifier)]
     unexpected = [k for k in state if k not in target]
     misshapen = [k for k in state if k in target and state[k].shape != target[k].shape]
     if missing or unexpected or misshapen:
@@ -150,34 +136,3 @@ def _load_file(model: nn.Module, uri: str) -> None:
 
 def model_name(model: nn.Module) -> str:
     return model.pretrained_cfg.get("architecture", type(model).__name__)
-
-
-def _classifier_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    head = model.get_classifier()
-    return [(name, module) for name, module in model.named_modules() if module is head]
-
-
-def stage_groups(model: nn.Module) -> StageGroups:
-    """Split ``model``'s parameters into the head and timm's coarse backbone groups."""
-    head_prefixes = tuple(f"{name}." for name, _ in _classifier_modules(model))
-    if not head_prefixes:
-        raise ThawError(f"{type(model).__name__} exposes no classifier to replace")
-    groups = group_parameters(model, model.group_matcher(coarse=True))
-    head, backbone = [], []
-    for names in groups.values():
-        in_head = [n for n in names if n.startswith(head_prefixes)]
-        head.extend(in_head)
-        rest = [n for n in names if not n.startswith(head_prefixes)]
-        if rest:
-            backbone.append(rest)
-    # The last stage starts at the group holding the last feature stage (timm's feature_info)
-    # and takes every later backbone group with it (e.g. MobileNetV3's post-pool conv_head).
-    feature_info = getattr(model, "feature_info", None)
-    if feature_info:
-        last = f"{feature_info[-1]['module']}."
-        start = next((i for i, names in enumerate(backbone)
-                      if any(n.startswith(last) for n in names)), len(backbone) - 1)
-        backbone = backbone[:start] + [sum(backbone[start:], [])]
-    if len(backbone) < 2:
-        raise ThawError(f"{type(model).__name__} has too few layer groups for staged training")
-    return StageGroups(head=head, backbone=backbone)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from thaw import storage
+from thaw.backbone_contract import size_kwargs
 from thaw.errors import ThawError
 
 FORMAT = "thaw-checkpoint/1"
@@ -80,7 +81,9 @@ def read_error(what: str, path: object, err: Exception) -> ThawError:
 def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
     """Rebuild the model a checkpoint was saved from (no download: weights come from it)."""
     num_classes = len(payload["meta"]["classes"])
-    model = timm.create_model(payload["arch"], pretrained=False, num_classes=num_classes)
+    size = payload["meta"].get("data_config", {}).get("input_size", [None])[-1]
+    model = timm.create_model(payload["arch"], pretrained=False, num_classes=num_classes,
+                              **size_kwargs(payload["arch"], size))
     model.reset_classifier(num_classes)
     model.load_state_dict(payload["model"])
     return model

@@ -122,8 +122,10 @@ def _weights_problem(weights: str, backbone: str | None) -> dict[str, str]:
 
 
 def _backbone_problems(params: Mapping[str, Any]) -> dict[str, str]:
-    """The backbone must be a timm model, and the image size one it can take: at least its
-    total stride, and exactly its input size when its position embedding is fixed (ViTs)."""
+    """The backbone must be a timm model that thaw can fine-tune in stages (a classifier to
+    replace, stage groups), built for the image size, which it must be able to take: at
+    least its total stride, and one its patches, windows and attention biases fit
+    (``thaw.backbone_contract``, on the meta device: no weights, about a second)."""
     backbone = params.get("backbone")
     if backbone is None or importlib.util.find_spec("timm") is None:
         return {}
@@ -137,28 +139,6 @@ def _backbone_problems(params: Mapping[str, Any]) -> dict[str, str]:
     size = params.get("image_size")
     if size is None or size < MIN_IMAGE_SIZE:
         return {}
-    stride, fixed = _input_constraints(backbone)
-    if fixed is not None and size != fixed:
-        return {"image_size": f"must be {fixed} for {backbone!r} (its input size is fixed), "
-                              f"got {size}"}
-    if size < stride:
-        return {"image_size": f"must be >= {stride} pixels for {backbone!r} (its total "
-                              f"stride), got {size}"}
-    return {}
+    from thaw.backbone_contract import backbone_problems
 
-
-def _input_constraints(backbone: str) -> tuple[int, int | None]:
-    """The backbone's total stride (largest feature reduction) and its fixed input size, or
-    None when it takes any size. Built on the meta device: no weights, no memory, ~50 ms."""
-    import timm
-    import torch
-
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(backbone, pretrained=False)
-    except Exception:  # a model timm cannot build without real tensors: the floor applies
-        return MIN_IMAGE_SIZE, None
-    reductions = [info.get("reduction", 1) for info in getattr(model, "feature_info", None) or []]
-    cfg = model.pretrained_cfg
-    fixed = cfg["input_size"][-1] if cfg.get("fixed_input_size") else None
-    return max(reductions, default=MIN_IMAGE_SIZE), fixed
+    return backbone_problems(backbone, size, MIN_IMAGE_SIZE)

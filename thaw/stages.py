@@ -48,7 +48,8 @@ def run_stage(
         model = model_from_checkpoint(payload)
         start_point = f"checkpoint sha256 {file_digest(init_checkpoint)}"
     else:
-        model = create_backbone(arch, len(classes), weights)
+        model = create_backbone(arch, len(classes), weights,
+                                image_size=data.manifest.data_config()["input_size"][-1])
         start_point = f"{arch} with weights {weights}"
     return train_stage(model, data, cfg, out_dir, on_epoch_end=on_epoch_end,
                        start_point=start_point, checkpoint_uri=checkpoint_uri)

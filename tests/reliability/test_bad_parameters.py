@@ -52,8 +52,9 @@ BAD = [
     ({"image_size": 16}, "image_size must be >= 32 pixels, got 16"),
     ({"backbone": "selecsls42", "image_size": 48},
      "image_size must be >= 64 pixels for 'selecsls42' (its total stride), got 48"),
-    ({"backbone": "vit_tiny_patch16_224", "image_size": 96},
-     "image_size must be 224 for 'vit_tiny_patch16_224' (its input size is fixed), got 96"),
+    ({"backbone": "vit_tiny_patch16_224", "image_size": 100},
+     "image_size must be a size 'vit_tiny_patch16_224' can take, got 100: not a multiple of "
+     "its patch size 16"),
     ({"selection_metric": "f1"},
      "selection_metric must be one of macro_f1, accuracy, loss (loss: lower is better)"),
     ({"batch_size": 0}, "batch_size must be >= 1, got 0"),

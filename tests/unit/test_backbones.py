@@ -93,3 +93,44 @@ def test_data_config_matches_the_backbone():
     assert cfg["input_size"] == [3, 96, 96]
     assert cfg["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert data_config("resnet18")["input_size"] == [3, 224, 224]
+
+
+def test_a_vit_is_built_for_the_image_size_and_rebuilt_so_from_its_checkpoint(tmp_path):
+    """timm 1.0.31 ``resolve_model_input_args`` passes ``img_size`` to fixed-size models."""
+    from thaw.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    model = create_backbone("vit_tiny_patch16_224", num_classes=3, weights="none", image_size=64)
+    assert model.pos_embed.shape[1] == 1 + (64 // 16) ** 2
+    save_checkpoint(tmp_path / "m.pt", model, {"classes": ["a", "b", "c"],
+                                               "data_config": data_config("resnet18", 64)})
+    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
+    assert torch.equal(rebuilt.pos_embed, model.pos_embed)
+
+
+@pytest.mark.parametrize(("arch", "size", "words"), [
+    ("inception_v3", 64, "nearest sizes that work: 80"),
+    ("eva02_tiny_patch14_224", 64, "patch size 14: the last 8 pixels of each row would be "
+                                   "dropped; nearest sizes that work: 56, 70"),
+])
+def test_sizes_a_backbone_cannot_take_are_refused_with_the_nearest_that_work(arch, size, words):
+    from thaw.params import check_pipeline_parameters
+
+    with pytest.raises(ThawError, match="image_size must be a size") as err:
+        check_pipeline_parameters({"backbone": arch, "image_size": size})
+    assert words in str(err.value)
+
+
+def test_models_without_group_matcher_split_at_their_feature_stages():
+    model = create_backbone("caformer_s18", num_classes=3, weights="none")
+    groups = stage_groups(model)
+    firsts = [names[0].split(".")[:2] for names in groups.backbone]
+    assert firsts == [["stem", "conv"], ["stages", "0"], ["stages", "1"], ["stages", "2"],
+                      ["stages", "3"]]
+    assert "head.norm.weight" in groups.backbone[-1]  # the final norm joins the last stage
+    assert all(n.startswith("head.fc.") for n in groups.head)
+
+
+def test_densenet_last_stage_is_its_last_dense_block_and_norm():
+    groups = stage_groups(create_backbone("densenet121", num_classes=3, weights="none"))
+    assert groups.backbone[-1][0].startswith("features.denseblock4.")
+    assert "features.norm5.weight" in groups.backbone[-1]
