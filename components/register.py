@@ -1,7 +1,9 @@
 """register: the best stage by validation metric into the MLflow registry, champion-gated
-(the champion is scored on this run's prepared data, hence the ``prepared`` input)."""
+(the champion is scored on this run's prepared data, hence the ``prepared`` input). Its
+``run_report`` (the run report, ``thaw.report``) shows in the Kubeflow UI's Visualizations."""
 
 from kfp.dsl import (
+    HTML,
     Artifact,
     ClassificationMetrics,
     Dataset,
@@ -28,6 +30,7 @@ def register(
     summary: Output[Markdown],
     chosen_metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
+    run_report: Output[HTML],
 ) -> str:
     import json
     from pathlib import Path
@@ -41,7 +44,7 @@ def register(
         evaluated, stage_dirs, Path(prepared.path),
         experiment=mlflow_experiment, pipeline_run_id=pipeline_run_id, model_name=model_name,
         selection_metric=selection_metric, promotion_margin=promotion_margin,
-        promote_on_class_change=promote_on_class_change,
+        promote_on_class_change=promote_on_class_change, report_file=Path(run_report.path),
     )
     Path(summary.path).write_text(summary_markdown(outcome))
     # The KFP UI shows the chosen stage: its test confusion matrix and numbers.

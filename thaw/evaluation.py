@@ -1,7 +1,9 @@
-"""Classification metrics: accuracy and macro-F1 side by side, per-class report, confusion."""
+"""Classification metrics: accuracy and macro-F1 side by side, per-class report, confusion;
+the mistakes a person looks at first."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,46 @@ def classification_metrics(
         metrics["per_class"] = {c: report[c] for c in classes}
         metrics["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return metrics
+
+
+# How many mistakes a stage's evaluation keeps: bounded, since they travel in the evaluation
+# report and outcome.json; enough for a run report's gallery (thaw.report).
+WORST_MISTAKES = 48
+CONFUSED_PAIRS = 6
+PAIR_EXAMPLES = 4
+
+
+def mistakes(y_true: np.ndarray, probs: np.ndarray, image_index: np.ndarray | None = None, *,
+             worst: int = WORST_MISTAKES, pairs: int = CONFUSED_PAIRS,
+             per_pair: int = PAIR_EXAMPLES) -> dict[str, Any]:
+    """The wrongly classified images a person looks at first: the ``worst`` (most confident
+    mistakes), and the ``pairs`` most confused (true, predicted) class pairs with how often
+    each happened and its ``per_pair`` most confident mistakes.
+
+    ``probs`` are the class probabilities of image ``image_index[i]`` of the split (default
+    ``i``). A mistake is ``{index, true, predicted, confidence, true_probability}``, classes as
+    indices, ``confidence`` the predicted class's probability."""
+    predicted = probs.argmax(1)
+    rows = np.arange(len(y_true))
+    confidence, true_probability = probs[rows, predicted], probs[rows, y_true]
+    index = rows if image_index is None else np.asarray(image_index)
+    wrong = np.flatnonzero(predicted != y_true)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")]
+
+    def record(row: int) -> dict[str, Any]:
+        return {"index": int(index[row]), "true": int(y_true[row]),
+                "predicted": int(predicted[row]), "confidence": float(confidence[row]),
+                "true_probability": float(true_probability[row])}
+
+    counts = Counter(zip(y_true[wrong].tolist(), predicted[wrong].tolist(), strict=True))
+    most = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:pairs]
+    return {
+        "worst": [record(row) for row in wrong[:worst]],
+        "pairs": [{"true": true, "predicted": pred, "count": count, "examples": [
+            record(row) for row in
+            wrong[(y_true[wrong] == true) & (predicted[wrong] == pred)][:per_pair]]}
+            for (true, pred), count in most],
+    }
 
 
 def confusion_matrix_figure(matrix: list[list[int]], classes: list[str], title: str):

@@ -24,8 +24,10 @@ from thaw.storage import redact
 
 log = logging.getLogger(__name__)
 
-# MLflow 3's experiment kind: the UI opens a "custom model development" experiment on its
-# training runs (the other kind is GenAI, which opens on traces).
+# MLflow 3's experiment kind; the value is the UI's ExperimentKind.CUSTOM_MODEL_DEVELOPMENT
+# (3.17.2's bundle, main.*.js). That UI decides the landing view by its workflow type instead
+# (URL parameter workflowType, else localStorage): see thawctl/mlflow_ui.py. Kept for UIs
+# that read the tag (the feature flag off).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"
 COMPARISON_FILE = "stage_comparison.png"
@@ -144,8 +146,10 @@ def comparison_figure(outcome: dict[str, Any], curves: dict[str, list[tuple[int,
 
 
 def log_stage_models(outcome: dict[str, Any], checkpoints: dict[str, Path]) -> dict[str, str]:
-    """Each stage's best checkpoint as a logged model of its stage run, with its best-epoch
-    validation and test numbers linked to it, so MLflow's Models view compares the stages.
+    """Each stage's best checkpoint as a logged model of its stage run, named by its stage
+    (probe, partial, full), with its best-epoch validation and test numbers linked to it (a
+    metric logged with ``model_id``: ``LoggedModel.metrics``), so MLflow's Models view
+    compares the stages.
 
     The chosen stage's model is the one registration logged; the others are logged here.
     Returns stage -> model id for the stages that made it; a failure only warns.
@@ -166,7 +170,7 @@ def log_stage_models(outcome: dict[str, Any], checkpoints: dict[str, Path]) -> d
                     max_results=1)
                 model_id = found[0].model_id if found else None
             else:
-                model_id = log_classifier(Path(checkpoints[name]), name="model",
+                model_id = log_classifier(Path(checkpoints[name]), name=name,
                                           run_id=stage["run_id"]).model_id
             if not model_id:
                 continue
@@ -183,3 +187,18 @@ def log_stage_models(outcome: dict[str, Any], checkpoints: dict[str, Path]) -> d
             log.warning("could not log %s's model to MLflow run %s: %s", name,
                         stage["run_id"], redact(str(err)))
     return models
+
+
+def log_run_report(parent_run_id: str, page: Path) -> bool:
+    """Attach the run report (``thaw.report``) in ``page`` to the parent run as
+    ``run_report.html``: MLflow's artifact view shows an ``.html`` artifact as a page (3.17:
+    ShowArtifactHtmlView, a sandboxed iframe). Returns whether it was logged."""
+    from thaw.report import REPORT_FILE
+
+    try:
+        MlflowClient().log_text(parent_run_id, page.read_text(encoding="utf-8"), REPORT_FILE)
+        return True
+    except Exception as err:  # the page is also the register step's output
+        log.warning("could not log %s to MLflow run %s: %s", REPORT_FILE, parent_run_id,
+                    redact(str(err)))
+        return False

@@ -27,6 +27,7 @@ from thaw.config import STAGE_NAMES, stage_config
 from thaw.data.prepare import prepare_dataset
 from thaw.data.prepared import open_prepared
 from thaw.errors import ThawError
+from thaw.report import REPORT_FILE, write_run_report
 from thaw.stage_run import StageRun
 
 STAGE_RUN_FILE = "stage_run.json"
@@ -193,11 +194,17 @@ def _record_failure(checkpoint_uri: str | None, err: ThawError) -> None:
 
 
 def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, Any]:
-    """Test-set metrics of every stage's best checkpoint, logged to that stage's run.
+    """Test-set metrics of every stage's best checkpoint, logged to that stage's run, with
+    its worst test mistakes and its per-epoch history (for the run report, ``thaw.report``).
     Test numbers are reported, never used to choose."""
-    from thaw.stages import evaluate_checkpoint
+    from thaw.checkpoint import load_checkpoint, model_from_checkpoint
+    from thaw.data.prepared import ImageSplit
+    from thaw.evaluation import classification_metrics, mistakes
+    from thaw.stages import predict_split
 
     data = open_prepared(Path(prepared_dir))
+    # predict_split reads a streamed split shard by shard: its rows are in storage order
+    image_index = ImageSplit(data, "test").storage_order() if data.streamed else None
     report: dict[str, Any] = {"classes": data.manifest.classes,
                               "fingerprint": data.manifest.fingerprint, "stages": []}
     for stage in STAGE_NAMES:
@@ -206,7 +213,10 @@ def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, 
         stage_dir = Path(stage_dirs[stage])
         result = stage_record(stage_dir, "result.json")
         run = stage_record(stage_dir, STAGE_RUN_FILE)
-        test = evaluate_checkpoint(stage_dir / "best.pt", data, "test")
+        y_true, probs = predict_split(model_from_checkpoint(load_checkpoint(
+            stage_dir / "best.pt")), data, "test")
+        test = classification_metrics(y_true, probs.argmax(1), data.manifest.classes,
+                                      detailed=True)
         tracking.log_evaluation(run["run_id"], stage, test, data.manifest.classes)
         report["stages"].append({
             "stage": stage, "run_id": run["run_id"], "val": result["best_val"], "test": test,
@@ -216,6 +226,8 @@ def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, 
             # Why training stopped on a NaN/infinite loss; None if it did not. Register
             # never chooses a diverged stage (thaw.champion.choose).
             "diverged": result.get("diverged"),
+            "history": result["history"],
+            "test_mistakes": mistakes(y_true, probs, image_index),
         })
     if not report["stages"]:
         raise ThawError("evaluate got no trained stage to evaluate")
@@ -237,14 +249,18 @@ def stage_record(stage_dir: Path, name: str) -> dict[str, Any]:
 def register_step(report: dict[str, Any], stage_dirs: dict[str, Path], prepared_dir: Path, *,
                   experiment: str, pipeline_run_id: str, model_name: str,
                   selection_metric: str, promotion_margin: float,
-                  promote_on_class_change: bool = False) -> dict[str, Any]:
+                  promote_on_class_change: bool = False,
+                  report_file: Path | None = None) -> dict[str, Any]:
     """Register the stage with the best validation metric; move ``champion`` if it wins.
 
     The checkpoints come from ``stage_dirs`` and the data from ``prepared_dir`` (this step's
     own input artifacts), never from paths another step wrote into the report: on a cluster
     those are in another pod. The champion gate scores the current champion on this data.
-    ``outcome.json``, ``summary.md`` and the parent run's tags are written before register
-    returns; if writing them fails, the registration is undone (alias and version).
+    ``outcome.json``, ``summary.md``, the parent run's tags and the run report
+    (``thaw.report``; in ``report_file``, whose path the outcome records as ``report``, else in
+    a temporary file) are written before register returns; if writing them fails, the
+    registration is undone (alias and version). The run report is then attached to the
+    parent run, as its other views are: a failure there only warns.
     """
     missing = [s["stage"] for s in report["stages"] if s["stage"] not in stage_dirs]
     if missing:
@@ -257,10 +273,14 @@ def register_step(report: dict[str, Any], stage_dirs: dict[str, Path], prepared_
                   for s in report["stages"]]
     parent = tracking.ensure_parent_run(experiment, pipeline_run_id)
     recorded: dict[str, Any] = {}
+    workdir = tempfile.TemporaryDirectory()
+    page = Path(report_file) if report_file else Path(workdir.name) / REPORT_FILE
 
     def record(registration: dict[str, Any]) -> None:
         outcome = {**registration, "stages": report["stages"],
-                   "selection_metric": selection_metric}
+                   "selection_metric": selection_metric,
+                   "report": str(report_file) if report_file else None}
+        write_run_report(page, outcome, data)
         client = MlflowClient()
         client.log_dict(parent, outcome, OUTCOME_FILE)
         client.log_text(parent, summary_markdown(outcome), "summary.md")
@@ -268,13 +288,15 @@ def register_step(report: dict[str, Any], stage_dirs: dict[str, Path], prepared_
         client.set_tag(parent, "thaw.promoted", str(outcome["promoted"]).lower())
         recorded.update(outcome)
 
-    tracking.register_best(
-        parent_run_id=parent, model_name=model_name, candidates=candidates, data=data,
-        selection_metric=selection_metric, promotion_margin=promotion_margin,
-        promote_on_class_change=promote_on_class_change,
-        data_fingerprint=report["fingerprint"], pipeline_run_id=pipeline_run_id,
-        on_registered=record,
-    )
+    with workdir:
+        tracking.register_best(
+            parent_run_id=parent, model_name=model_name, candidates=candidates, data=data,
+            selection_metric=selection_metric, promotion_margin=promotion_margin,
+            promote_on_class_change=promote_on_class_change,
+            data_fingerprint=report["fingerprint"], pipeline_run_id=pipeline_run_id,
+            on_registered=record,
+        )
+        mlflow_views.log_run_report(parent, page)
     mlflow_views.log_stage_comparison(parent, recorded)
     mlflow_views.log_stage_models(recorded, {stage: Path(stage_dirs[stage]) / "best.pt"
                                              for stage in stage_dirs})

@@ -326,7 +326,7 @@ def register_best(
                                promote_on_class_change=promote_on_class_change)
     previous = decision["previous_champion_version"]
     challenger = decision["challenger"]
-    info = log_classifier(Path(best["checkpoint"]), name="model", run_id=best["run_id"])
+    info = log_classifier(Path(best["checkpoint"]), name=best["stage"], run_id=best["run_id"])
     tags = {
         STAGE_TAG: best["stage"],
         PIPELINE_RUN_TAG: pipeline_run_id,

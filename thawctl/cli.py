@@ -36,8 +36,10 @@ def _parameters(pairs: list[str], base: dict[str, Any] | None = None) -> dict[st
     return checked_parameters(raw, compile_spec(cluster_settings(None)))
 
 
-def _print_outcome(outcome: dict) -> None:
+def _print_outcome(outcome: dict, ui_url: str | None) -> None:
+    """The run's result and, with the MLflow UI at ``ui_url``, the links that open on it."""
     from thaw.steps import summary_markdown
+    from thawctl.mlflow_ui import answer_links
 
     run = outcome.get("pipeline_run")
     if run is not None:
@@ -49,6 +51,11 @@ def _print_outcome(outcome: dict) -> None:
     print("\n" + summary_markdown(outcome))
     print(f"Serve it:  mlflow models serve -m '{outcome['model_uri']}'  "
           f"(or models:/{outcome['model_name']}@champion)")
+    if ui_url:
+        links = answer_links(ui_url, outcome)
+        print(f"\nStage comparison (MLflow): {links.comparison}"
+              f"\nStage runs side by side:   {links.stage_runs}"
+              f"\nAll runs of the experiment: {links.experiment}")
 
 
 def _run_local(args: argparse.Namespace) -> int:
@@ -61,11 +68,14 @@ def _run_local(args: argparse.Namespace) -> int:
                                settings_file=args.config)
     else:
         outcome = run_local(parameters, LOCAL_ROOT / "local_outputs")
-    _print_outcome(outcome)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    _print_outcome(outcome, tracking_uri if tracking_uri.startswith("http") else None)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import shutil
+
     from thaw.stack import stack_up
     from thawctl.local_run import DEMO_PARAMETERS, run_local, upload_sample
 
@@ -75,10 +85,11 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"stack up: S3 {info.s3_endpoint}, MLflow {info.tracking_uri}")
     print(f"sample dataset uploaded to {upload_sample()}")
     outcome = run_local(parameters, LOCAL_ROOT / "local_outputs")
-    _print_outcome(outcome)
-    experiment = DEMO_PARAMETERS["mlflow_experiment"]
-    print(f"\nOpen the MLflow UI: {info.ui_url}  (experiment {experiment})"
-          "\nStop the local servers with: make stack-down")
+    _print_outcome(outcome, info.ui_url)
+    # kfp.local's output file has no .html suffix, which a browser needs to open it as a page
+    report = shutil.copyfile(outcome["report"], (LOCAL_ROOT / "run_report.html").resolve())
+    print(f"\nRun report (open it in a browser): {report}")
+    print("\nStop the local servers with: make stack-down")
     return 0
 
 

@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,11 +64,14 @@ class StepLog:
 
 class _KfpLocalOutput(io.TextIOBase):
     """Stands in for stdout while kfp.local runs: its task banners become one line per step
-    start and end; the executor's output goes to that step's log file."""
+    start and end, the step named as ``names`` says (KFP task name -> step name); the
+    executor's output goes to that step's log file, ``<step name>.log``."""
 
-    def __init__(self, log_dir: Path, echo: Callable[[str], None]) -> None:
+    def __init__(self, log_dir: Path, echo: Callable[[str], None],
+                 names: Mapping[str, str]) -> None:
         self.log_dir = log_dir
         self.echo = echo
+        self.names = names
         self.step: StepLog | None = None
         self.name = ""
         self.pending = ""
@@ -83,7 +86,7 @@ class _KfpLocalOutput(io.TextIOBase):
 
     def _line(self, line: str) -> None:
         if match := re.search(r"Executing task '([^']+)'", line):
-            self.name = match.group(1)
+            self.name = self.names.get(match.group(1), match.group(1))
             self.step = StepLog(self.log_dir / f"{self.name}.log", self.echo)
             self.echo(f"▶ {self.name}  (log {self.step.path})")
         elif (match := re.search(r"Task '([^']+)' finished with status (\w+)", line)) and \
@@ -101,12 +104,15 @@ class _KfpLocalOutput(io.TextIOBase):
 
 
 @contextmanager
-def kfp_local_console(log_dir: Path,
-                      echo: Callable[[str], None] | None = None) -> Iterator[_KfpLocalOutput]:
+def kfp_local_console(log_dir: Path, echo: Callable[[str], None] | None = None,
+                      names: Mapping[str, str] | None = None) -> Iterator[_KfpLocalOutput]:
     """Route everything kfp.local prints (it prints all of it to stdout) through the step
-    console; ``.failed`` names the failed step and its log afterwards."""
+    console, naming each step by ``names`` (KFP task name -> step name, e.g. ``train-2`` ->
+    ``partial``: :func:`thawctl.kfp_tasks.step_names`); ``.failed`` names the failed step and
+    its log afterwards."""
     real = sys.stdout
-    output = _KfpLocalOutput(log_dir, echo or (lambda line: print(line, file=real, flush=True)))
+    output = _KfpLocalOutput(log_dir, echo or (lambda line: print(line, file=real, flush=True)),
+                             names or {})
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.WARNING)  # kfp.local's own chatter between tasks

@@ -54,6 +54,7 @@ from thaw import storage
 from thaw.errors import ThawError
 from thawctl.argo_retry import DEADLINE_MESSAGE, ArgoRetry, ArgoRetryError
 from thawctl.console import error_message, highlight
+from thawctl.kfp_tasks import step_name
 from thawctl.sandbox import STAGING_MOUNTS, Sandbox, StepProcess, venv_env
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ class _Step:
         executor = component["executorLabel"]
         self.container = run.spec["deploymentSpec"]["executors"][executor]["container"]
         self.platform = run.platform.get(executor, {})
-        self.log = run.logs / f"{name.replace('/', '.')}.log"
+        self.log = run.logs / f"{step_name(self.task_name, task)}.log"  # probe.log, not train.log
         # One driver run per task: every attempt writes the same, per-execution URIs.
         self.executor_input = self._executor_input(
             f"{run.root}/{run.name}/{run.run_id}/{self.task_name}/{uuid.uuid4()}")

@@ -22,18 +22,21 @@ from typing import Any
 
 EXIT_STRATEGY = "ALL_UPSTREAM_TASKS_COMPLETED"  # the trigger policy of an exit handler's task
 DRIVER_TEMPLATE = "system-container-driver"
+STAGE_PARAMETER = "stage"  # the training component's input that names its stage
 
 
 @dataclass(frozen=True)
 class SpecTask:
     """A container task of the compiled spec: its KFP name, display name (``title``), the Argo
-    node name below the workflow's (``node``, e.g. ``root.exit-handler-1.train-2``) and whether
-    it retries (its executor template is then ``retry-system-container-impl``)."""
+    node name below the workflow's (``node``, e.g. ``root.exit-handler-1.train-2``), whether
+    it retries (its executor template is then ``retry-system-container-impl``) and the name a
+    person knows it by (``step``, see :func:`step_name`)."""
 
     name: str
     title: str
     node: str
     retried: bool
+    step: str
 
     @property
     def executor_template(self) -> str:
@@ -43,6 +46,22 @@ class SpecTask:
 def spec_tasks(spec: dict[str, Any]) -> list[SpecTask]:
     """The container tasks of a compiled pipeline spec, in the spec's (sorted) order."""
     return list(_walk(spec, spec["root"]["dag"], "root"))
+
+
+def step_name(name: str, task: dict[str, Any]) -> str:
+    """The name a person knows the task ``name`` (its spec ``task``) by: a training task's
+    stage, the ``stage`` constant it passes (probe, partial, full), else its KFP task name
+    (preprocess, evaluate, ...). KFP names the tasks of one component ``train``, ``train-2``,
+    ``train-3`` (``Pipeline.add_task`` in kfp/dsl/pipeline_context.py, 2.17.0: unique in the
+    whole pipeline), and ``kfp.local`` prints those; the KFP UI shows the display names."""
+    stage = task.get("inputs", {}).get("parameters", {}).get(STAGE_PARAMETER, {})
+    constant = stage.get("runtimeValue", {}).get("constant")
+    return constant if isinstance(constant, str) and constant else name
+
+
+def step_names(spec: dict[str, Any]) -> dict[str, str]:
+    """KFP task name -> :func:`step_name`, for every container task of a compiled spec."""
+    return {task.name: task.step for task in spec_tasks(spec)}
 
 
 def _walk(spec: dict[str, Any], dag: dict[str, Any], node: str) -> Iterator[SpecTask]:
@@ -57,7 +76,7 @@ def _walk(spec: dict[str, Any], dag: dict[str, Any], node: str) -> Iterator[Spec
             yield from _walk(spec, component["dag"], f"{parent}.{name}")
         else:
             yield SpecTask(name, task.get("taskInfo", {}).get("name", name),
-                           f"{parent}.{name}", "retryPolicy" in task)
+                           f"{parent}.{name}", "retryPolicy" in task, step_name(name, task))
 
 
 def node_id(workflow: str, node_name: str) -> str:

@@ -15,6 +15,7 @@ from thaw import storage
 from thaw.errors import ThawError
 from thawctl.console import error_message, kfp_local_console
 from thawctl.fidelity import RunResult
+from thawctl.kfp_tasks import step_names
 from thawctl.sandbox import StepProcess
 
 OnStarted = Callable[[str, int, StepProcess], None]
@@ -49,9 +50,10 @@ def run_local(parameters: dict[str, Any], pipeline_root: Path) -> dict[str, Any]
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     started = time.time()
     log_dir = pipeline_root / "logs" / time.strftime("%Y%m%d-%H%M%S")
-    with kfp_local_console(log_dir) as console:
+    pipeline = build_pipeline()
+    with kfp_local_console(log_dir, names=local_step_names(pipeline)) as console:
         try:
-            build_pipeline()(**parameters)
+            pipeline(**parameters)
         except RuntimeError as err:  # kfp.local's "Pipeline ... finished with status FAILURE"
             if console.failed is None:
                 raise ThawError(f"the pipeline failed: {err}") from err
@@ -62,6 +64,14 @@ def run_local(parameters: dict[str, Any], pipeline_root: Path) -> dict[str, Any]
 
     experiment = parameters.get("mlflow_experiment") or _default("mlflow_experiment")
     return latest_outcome(experiment, since=started)
+
+
+def local_step_names(pipeline: Any) -> dict[str, str]:
+    """KFP task name -> step name (``train-2`` -> ``partial``) of a ``@dsl.pipeline``
+    function, read from the spec it compiles to (its ``pipeline_spec`` proto, as JSON)."""
+    from google.protobuf import json_format
+
+    return step_names(json_format.MessageToDict(pipeline.pipeline_spec))
 
 
 def run_isolated(parameters: dict[str, Any], work_dir: Path, *, engine: str | None = None,

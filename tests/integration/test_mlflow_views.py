@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import mlflow
 import pytest
@@ -18,6 +19,7 @@ from thaw.checkpoint import save_checkpoint
 from thaw.data.prepared import PreparedDataset
 from thaw.stack import StackInfo
 from thaw.steps import register_step
+from thawctl.mlflow_ui import answer_links
 
 pytestmark = pytest.mark.slow
 
@@ -95,17 +97,48 @@ def test_register_puts_the_stage_comparison_on_the_parent_run(
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width > 600
 
-    # every stage's checkpoint is a logged model of its stage run, numbers linked to it
+    # every stage's checkpoint is a logged model of its stage run, named by the stage, its
+    # numbers linked to it
     client = MlflowClient()
     models = client.search_logged_models(
         experiment_ids=[client.get_run(parent).info.experiment_id])
     assert sorted(m.source_run_id for m in models) == sorted(s["run_id"] for s in stages), \
         "one model per stage run: the registered one is not logged twice"
     assert outcome["stage"] in {s["stage"] for s in stages}
+    stage_of_run = {s["run_id"]: s["stage"] for s in stages}
+    assert sorted(m.name for m in models) == ["full", "partial", "probe"]
     for model in models:
+        assert model.name == stage_of_run[model.source_run_id]
         linked = {m.key: m.value for m in model.metrics or []}
         assert linked["best_val_macro_f1"] == pytest.approx(0.4)
         assert linked["test_macro_f1"] == pytest.approx(0.35)
+
+    _check_answer_links(stack, outcome, parent, stages)
+
+
+def _check_answer_links(stack: StackInfo, outcome: dict, parent: str,
+                        stages: list[dict]) -> None:
+    """The links the demo prints: the parent run on an artifact it holds, and a Runs-tab chart
+    view whose filter (the UI sends it to the same search API) finds exactly the stage runs;
+    each in the machine-learning workflow (what 3.17.2's UI reads: thawctl/mlflow_ui.py)."""
+    links = answer_links(stack.ui_url, outcome)
+    experiment_id = MlflowClient().get_run(parent).info.experiment_id
+    base = f"{stack.ui_url.rstrip('/')}/#/experiments/{experiment_id}"
+    page, query = links.comparison.split("?")
+    artifact = page.removeprefix(f"{base}/runs/{parent}/artifacts/")
+    assert artifact in {a.path for a in MlflowClient().list_artifacts(parent)}
+    assert artifact in ("run_report.html", mlflow_views.COMPARISON_FILE)
+    assert parse_qs(query) == {"workflowType": ["machine_learning"]}
+    page, query = links.stage_runs.split("?")
+    assert page == f"{base}/runs"
+    facets = parse_qs(query)
+    assert facets["compareRunsMode"] == ["CHART"]
+    assert facets["workflowType"] == ["machine_learning"]
+    found = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
+                               filter_string=facets["searchFilter"][0],
+                               order_by=[f"{facets['orderByKey'][0]} ASC"])
+    assert [r.info.run_name for r in found] == ["probe", "partial", "full"]
+    assert [r.info.run_id for r in found] == [s["run_id"] for s in stages]
 
 
 def test_a_chart_that_cannot_be_drawn_only_warns(stack: StackInfo, caplog) -> None:
