@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install thaw with its dev extras (once)
 
 test: install image-if-engine ## every test tier on CPU, the image built and run (PYTEST_ARGS to narrow, TEST_WORKERS=0 for one process)
-	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: install ## only the fast unit and data tests
 	$(PY) -m pytest -m "not slow and not e2e and not container"

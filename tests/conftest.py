@@ -52,3 +52,21 @@ def stack(tmp_path_factory) -> Iterator:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+# The kinds of test files run first, slowest kind first: `make test` hands whole files to
+# its worker processes in this order (pytest-xdist --dist loadfile --no-loadscope-reorder),
+# so a file of a few long tests does not start last and keep one process busy alone.
+SLOW_FIRST = ("e2e", "fidelity", "container", "slow")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def file_of(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    rank: dict[str, int] = {}
+    for item in items:
+        kind = next((i for i, marker in enumerate(SLOW_FIRST) if item.get_closest_marker(marker)),
+                    len(SLOW_FIRST))
+        rank[file_of(item)] = min(rank.get(file_of(item), kind), kind)
+    items.sort(key=lambda item: rank[file_of(item)])  # stable: files stay whole, in order
