@@ -78,6 +78,19 @@ def classifier_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if any(module is head for head in heads)]
 
 
+def share_first_head(model: nn.Module) -> None:
+    """Make every classifier of a distilled model the same module as the first, for the
+    head-only probe on cached features: those are the pooled features timm's
+    ``forward_head(pre_logits=True)`` returns, the mean of what the two heads see (DeiT's
+    class and distillation tokens) or what both see (LeViT), so one linear head fitted on
+    them scores exactly what the model with both heads tied computes. A model saved from
+    this state has both heads equal; the later stages train them apart."""
+    (_, first), *others = classifier_modules(model)
+    for name, _ in others:
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attribute, first)
+
+
 def stage_groups(model: nn.Module) -> StageGroups:
     """Split ``model``'s parameters into the classifier(s) and coarse backbone groups."""
     head_prefixes = tuple(f"{name}." for name, _ in classifier_modules(model))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset
 
+from thaw.backbone_contract import classifier_modules
 from thaw.data.prepared import ImageSplit, PreparedDataset, epoch_permutation
 from thaw.errors import ThawError
 from thaw.training.distributed import SINGLE, Distributed, share
@@ -278,7 +279,7 @@ class FeatureFeed:
 
     def __init__(self, model: nn.Module, data: PreparedDataset, device: torch.device, *,
                  batch_size: int, seed: int = 0, num_workers: int = 0) -> None:
-        self.net = model.get_classifier()
+        self.net = classifier_modules(model)[0][1]  # the one head (`share_first_head`)
         self.device = device
         self.batch_size = batch_size
         self.seed = seed

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thaw.backbone_contract import share_first_head
 from thaw.backbones import stage_groups
 from thaw.checkpoint import CheckpointMirror, load_checkpoint, save_checkpoint
 from thaw.config import StageConfig
@@ -137,6 +138,8 @@ def train_stage(
     ranks.barrier()
     torch.manual_seed(cfg.seed)
 
+    if cfg.uses_cached_features:
+        share_first_head(model)  # distilled models: one head fits the cached features
     groups = stage_groups(model)
     apply_trainable(model, groups.trainable(cfg.trainable))
     # channels_last: faster convolutions on GPUs and, with oneDNN, on CPUs too (about 1.8x
