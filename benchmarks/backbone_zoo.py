@@ -27,12 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(arch: str, size: int, batch: int, steps: int) -> dict:
     """One family in this process: last-stage share, then partial and full step times."""
     import torch
-    from torch import nn
 
     from thaw.backbones import create_backbone, stage_groups
     from thaw.config import stage_config
-    from thaw.training.freeze import apply_trainable, set_train_mode
-    from thaw.training.optim import build_optimizer
 
     torch.manual_seed(0)
     model = create_backbone(arch, 10, "none", image_size=size)
@@ -45,20 +42,35 @@ def measure(arch: str, size: int, batch: int, steps: int) -> dict:
            "last_stage_params": last, "last_stage_share": last / backbone,
            "groups": len(groups.backbone), "last_stage_first": groups.backbone[-1][0]}
     for stage in ("partial", "full"):
-        cfg = stage_config(stage)
-        apply_trainable(model, groups.trainable(cfg.trainable))
-        optimizer = build_optimizer(model, groups, cfg)
-        set_train_mode(model, cfg.update_bn_stats)
-        times = []
-        for _ in range(steps + 1):  # the first step warms up
-            tick = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            times.append(time.perf_counter() - tick)
-        row[f"{stage}_step_ms"] = 1000 * sorted(times[1:])[len(times[1:]) // 2]
-        row[f"{stage}_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row[f"{stage}_step_ms"] = step_ms(model, groups, stage_config(stage), x, y, steps)
+        row[f"{stage}_peak_rss_mb"] = peak_rss_mb()
     return row
+
+
+def step_ms(model, groups, cfg, x, y, steps: int) -> float:
+    """Median milliseconds of ``steps`` training steps of stage ``cfg`` (after one warm-up),
+    as the loop trains it: its trainable set, its optimizer, frozen BatchNorm in eval."""
+    from torch import nn
+
+    from thaw.training.freeze import apply_trainable, set_train_mode
+    from thaw.training.optim import build_optimizer
+
+    apply_trainable(model, groups.trainable(cfg.trainable))
+    optimizer = build_optimizer(model, groups, cfg)
+    set_train_mode(model, cfg.update_bn_stats)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        tick = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - tick)
+    return 1000 * sorted(times[1:])[len(times[1:]) // 2]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:

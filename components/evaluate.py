@@ -10,6 +10,7 @@ def evaluate(
     full_model: Input[Model],
     report: Output[Artifact],
     test_metrics: Output[Metrics],
+    lora_model: Input[Model] = None,
 ):
     import json
     from pathlib import Path
@@ -17,7 +18,8 @@ def evaluate(
     from thaw.steps import evaluate_step
 
     stage_dirs = {"probe": Path(probe_model.path), "partial": Path(partial_model.path),
-                  "full": Path(full_model.path)}
+                  "full": Path(full_model.path),
+                  **({"lora": Path(lora_model.path)} if lora_model is not None else {})}
     result = evaluate_step(Path(prepared.path), stage_dirs)
     Path(report.path).write_text(json.dumps(result, indent=2))
     for stage in result["stages"]:

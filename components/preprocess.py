@@ -22,6 +22,9 @@ def preprocess(
     partial_lr: float,
     full_epochs: int,
     full_lr: float,
+    lora: bool,
+    lora_epochs: int,
+    lora_lr: float,
     augment: str,
     batch_size: int,
     selection_metric: str,
@@ -40,7 +43,8 @@ def preprocess(
 
     checked = {"weights": weights, "probe_epochs": probe_epochs, "probe_lr": probe_lr,
                "partial_epochs": partial_epochs, "partial_lr": partial_lr,
-               "full_epochs": full_epochs, "full_lr": full_lr, "augment": augment,
+               "full_epochs": full_epochs, "full_lr": full_lr, "lora": lora,
+               "lora_epochs": lora_epochs, "lora_lr": lora_lr, "augment": augment,
                "batch_size": batch_size, "selection_metric": selection_metric,
                "promotion_margin": promotion_margin, "num_workers": num_workers,
                "preprocess_workers": preprocess_workers}

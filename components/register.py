@@ -31,6 +31,7 @@ def register(
     chosen_metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     run_report: Output[HTML],
+    lora_model: Input[Model] = None,
 ) -> str:
     import json
     from pathlib import Path
@@ -38,7 +39,8 @@ def register(
     from thaw.steps import register_step, summary_markdown
 
     stage_dirs = {"probe": Path(probe_model.path), "partial": Path(partial_model.path),
-                  "full": Path(full_model.path)}
+                  "full": Path(full_model.path),
+                  **({"lora": Path(lora_model.path)} if lora_model is not None else {})}
     evaluated = json.loads(Path(report.path).read_text())
     outcome = register_step(
         evaluated, stage_dirs, Path(prepared.path),

@@ -1,9 +1,12 @@
-"""train: one stage of the recipe (probe, partial or full); the stage name picks its defaults.
+"""train: one stage of the recipe (probe, partial, full, or the optional lora); the stage name
+picks its defaults (lora: adapters + head, its checkpoint merged: ``thaw.training.lora``).
 
 ``augment`` empty keeps the stage's own (the probe trains on cached features: none).
 ``gpus_per_node`` > 1: data-parallel in this pod, one torchrun process per GPU. ``trainjob``
 given (``num_nodes`` > 1 at compile time): this step only launches a Kubeflow Trainer TrainJob
-that trains the stage on several nodes, follows it and hands its model on."""
+that trains the stage on several nodes, follows it and hands its model on. ``enabled`` false
+(the ``lora`` pipeline parameter) leaves an optional stage off: its model output then only says
+so, and evaluate and register leave the stage out."""
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
@@ -26,8 +29,16 @@ def train(
     num_workers: int = 0,
     gpus_per_node: int = 1,
     trainjob: dict = None,
+    enabled: bool = True,
 ):
     from pathlib import Path
+
+    if not enabled:  # an optional stage (lora) this run leaves off: no training, no GPU work
+        from thaw.steps import stage_off_step
+
+        stage_off_step(Path(model.path), stage)
+        model.metadata.update({"stage": stage, "trained": False})
+        return
 
     step = {"stage": stage, "arch": backbone, "weights": weights,
             "experiment": mlflow_experiment, "pipeline_run_id": pipeline_run_id,

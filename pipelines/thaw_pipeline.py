@@ -1,6 +1,7 @@
 """The staged transfer-learning pipeline:
 preprocess -> probe -> partial -> full -> evaluate -> register, inside an exit handler that
-closes the MLflow parent run as failed when any step fails."""
+closes the MLflow parent run as failed when any step fails. With ``lora`` on, a LoRA stage
+trains from the probe too (beside partial and full: one more candidate for register)."""
 
 from pathlib import Path
 
@@ -24,7 +25,8 @@ PIPELINE_NAME = "thaw-staged-transfer"
 # infra/README.md and the spec's description.
 MIN_KFP_BACKEND = "2.14.0"
 STAGE_TITLES = {"probe": "probe: head only", "partial": "partial: last stage + head",
-                "full": "full: all layers, discriminative LRs"}
+                "full": "full: all layers, discriminative LRs",
+                "lora": "lora (if lora=true): adapters on attention/MLP + head"}
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                   "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
@@ -172,6 +174,9 @@ def build_pipeline(settings: ClusterSettings | None = None):
         partial_lr: float = s["partial"].lr,
         full_epochs: int = s["full"].epochs,
         full_lr: float = s["full"].lr,
+        lora: bool = D.lora,
+        lora_epochs: int = s["lora"].epochs,
+        lora_lr: float = s["lora"].lr,
         augment: str = s["full"].augment,
         batch_size: int = D.batch_size,
         seed: int = D.seed,
@@ -201,7 +206,12 @@ def build_pipeline(settings: ClusterSettings | None = None):
             partial_lr: Head learning rate of the partial stage (the backbone gets less).
             full_epochs: Most epochs of the full fine-tune.
             full_lr: Head learning rate of the full fine-tune; earlier layers get less.
-            augment: Augmentation of the partial and full stages: crop (random resized
+            lora: Also train a LoRA stage from the probe: low-rank adapters on the attention
+                and MLP layers plus the head (ViT-like backbones), registered with merged
+                weights if it wins. Partial and full still run.
+            lora_epochs: Most epochs of the LoRA stage.
+            lora_lr: Learning rate of the LoRA stage's head and adapters.
+            augment: Augmentation of the partial, full and lora stages: crop (random resized
                 crops), crop_flip (plus horizontal flips: wrong for text, digits and other
                 mirror-sensitive images) or none.
             batch_size: Images per training step.
@@ -238,7 +248,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
                                 max_bad_fraction=max_bad_fraction, weights=weights,
                                 probe_epochs=probe_epochs, probe_lr=probe_lr,
                                 partial_epochs=partial_epochs, partial_lr=partial_lr,
-                                full_epochs=full_epochs, full_lr=full_lr, augment=augment,
+                                full_epochs=full_epochs, full_lr=full_lr, lora=lora,
+                                lora_epochs=lora_epochs, lora_lr=lora_lr, augment=augment,
                                 batch_size=batch_size, selection_metric=selection_metric,
                                 promotion_margin=promotion_margin,
                                 num_workers=num_workers,
@@ -247,11 +258,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
             _configure(prep.set_display_name("preprocess: validate, split, resize"),
                        "preprocess", cfg)
 
-            previous = None
-            trained = {}
-            for stage, epochs, lr in (("probe", probe_epochs, probe_lr),
-                                      ("partial", partial_epochs, partial_lr),
-                                      ("full", full_epochs, full_lr)):
+            def train_stage(stage: str, epochs, lr, previous: dsl.PipelineTask | None,
+                            **options):
                 # The probe keeps its own augmentation (none: it trains on cached features).
                 fine_tune = ({"init_model": previous.outputs["model"], "augment": augment}
                              if previous else {})
@@ -260,13 +268,21 @@ def build_pipeline(settings: ClusterSettings | None = None):
                                weights=weights, epochs=epochs, lr=lr, batch_size=batch_size,
                                seed=seed, num_workers=num_workers,
                                mlflow_experiment=mlflow_experiment,
-                               pipeline_run_id=run_id, **fine_tune, **spread)
+                               pipeline_run_id=run_id, **fine_tune, **spread, **options)
                 title = STAGE_TITLES[stage] + (
                     f" (TrainJob, {cfg.training.num_nodes} nodes)" if kind == "launcher" else "")
-                _configure(task.set_display_name(title), kind, cfg, gpus)
-                trained[stage] = previous = task
+                return _configure(task.set_display_name(title), kind, cfg, gpus)
 
-            models = {f"{stage}_model": task.outputs["model"] for stage, task in trained.items()}
+            probe = train_stage("probe", probe_epochs, probe_lr, None)
+            partial = train_stage("partial", partial_epochs, partial_lr, probe)
+            full = train_stage("full", full_epochs, full_lr, partial)
+            # The LoRA stage starts from the probe, like partial. Its task is always there and
+            # the parameter switches it on: behind a dsl.If its model could reach evaluate and
+            # register only through dsl.OneOf, whose artifact form kfp.local (make demo,
+            # run-local) cannot resolve (README, "lora").
+            lora_stage = train_stage("lora", lora_epochs, lora_lr, probe, enabled=lora)
+            models = {f"{stage}_model": task.outputs["model"] for stage, task in (
+                ("probe", probe), ("partial", partial), ("full", full), ("lora", lora_stage))}
             evaluate = c.evaluate(prepared=prep.outputs["prepared"], **models)
             _configure(evaluate.set_display_name("evaluate: test split, every stage"),
                        "evaluate", cfg)

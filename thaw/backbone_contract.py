@@ -35,6 +35,8 @@ MIN_LAST_STAGE_SHARE = 0.05
 # Sizes tried, nearest first, when looking for sizes a model takes (each is a meta forward).
 MAX_SIZE_TRIES = 12
 SIZE_STEP = 8  # candidate sizes of a model without a patch embedding are multiples of this
+# In the name of every parameter of a LoRA adapter (peft's LoraModel.prefix; thaw.training.lora).
+ADAPTER_MARKER = ".lora_"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class StageGroups:
             return set(self.head) | set(self.backbone[-1])
         if which == "all":
             return set(self.head).union(*self.backbone)
+        if which == "adapters":  # LoRA: the adapters thaw.training.lora added, and the head
+            return set(self.head) | {n for names in self.backbone for n in names
+                                     if ADAPTER_MARKER in n}
         raise ThawError(f"unknown trainable set {which!r}")
 
 

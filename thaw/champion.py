@@ -56,7 +56,7 @@ def choose(candidates: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         raise ThawError(
             "nothing to register: the training of every stage diverged ("
             + "; ".join(f"{c['stage']}: {c['diverged']}" for c in candidates)
-            + "). Lower the learning rates (probe_lr, partial_lr, full_lr) and run again")
+            + "). Lower the learning rates (probe_lr, partial_lr, full_lr, lora_lr) and run again")
     best = healthy[0]
     for candidate in healthy[1:]:
         if improvement(metric, candidate["score"][metric], best["score"][metric]) >= 0:

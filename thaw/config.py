@@ -12,8 +12,10 @@ from typing import Any
 
 from thaw.errors import ThawError
 
-TRAINABLE_SETS = ("head", "last_stage", "all")
-STAGE_NAMES = ("probe", "partial", "full")
+TRAINABLE_SETS = ("head", "last_stage", "all", "adapters")
+# The recipe's stages, then the optional ones (the pipeline runs ``lora`` only when its ``lora``
+# parameter says so). Candidates for registration follow this order: a tie goes to the later.
+STAGE_NAMES = ("probe", "partial", "full", "lora")
 SOLVERS = ("adamw", "lbfgs")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 
@@ -73,6 +75,12 @@ class StageConfig:
     on the device, so little CPU work is left for them); 0 reads in the training process.
     ``compile``: run the trained network through ``torch.compile`` (slower first steps,
     faster later ones on a GPU). Neither changes what a stage computes.
+
+    ``trainable="adapters"`` (the LoRA stage, ``thaw.training.lora``) freezes every weight of
+    the model but its head and trains low-rank adapters ``B @ A`` (rank ``lora_rank``, scaled
+    by ``lora_alpha / lora_rank``, ``lora_dropout`` on their input) added to the attention and
+    MLP linear layers; the adapters of a layer group get that group's discriminative LR, like
+    its weights would. Checkpoints hold the merged weights: a plain timm model.
     """
 
     name: str
@@ -95,6 +103,9 @@ class StageConfig:
     update_bn_stats: bool = False
     num_workers: int = 0
     compile: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -135,6 +146,12 @@ class StageConfig:
             problems["batch_size"] = f"must be >= 1, got {self.batch_size}"
         if self.num_workers < 0:
             problems["num_workers"] = f"must be >= 0, got {self.num_workers}"
+        if self.lora_rank < 1:
+            problems["lora_rank"] = f"must be >= 1, got {self.lora_rank}"
+        if not self.lora_alpha > 0:
+            problems["lora_alpha"] = f"must be > 0, got {self.lora_alpha}"
+        if not 0 <= self.lora_dropout < 1:
+            problems["lora_dropout"] = f"must be in [0, 1), got {self.lora_dropout}"
         return problems
 
     @property
@@ -165,6 +182,12 @@ DEFAULT_STAGES: dict[str, StageConfig] = {
     "full": StageConfig(
         name="full", trainable="all", epochs=6, lr=2e-3, backbone_lr_scale=0.5,
         layer_decay=0.8, patience=3,
+    ),
+    # Optional: adapters on attention and MLP layers + head, from the probe's checkpoint, the
+    # adapters at the head's LR (LoRA's B starts at zero, so its updates start small anyway).
+    "lora": StageConfig(
+        name="lora", trainable="adapters", epochs=6, lr=1e-3, backbone_lr_scale=1.0,
+        patience=3,
     ),
 }
 
@@ -213,6 +236,9 @@ class PipelineDefaults:
     # A champion trained on another class list cannot be scored on the new data: keep it
     # unless this is set.
     promote_on_class_change: bool = False
+    # The LoRA stage (``thaw.training.lora``): one more candidate, trained from the probe
+    # beside partial and full; ViT-like backbones only (attention/MLP linear layers).
+    lora: bool = False
 
 
 PIPELINE_DEFAULTS = PipelineDefaults()

@@ -45,7 +45,7 @@ STAGE_PARAMETERS: dict[str, list[tuple[str, str]]] = {
     "batch_size": [(stage, "batch_size") for stage in STAGE_NAMES],
     "num_workers": [(stage, "num_workers") for stage in STAGE_NAMES],
     # the probe trains on cached features, without augmentation, whatever this says
-    "augment": [("partial", "augment"), ("full", "augment")],
+    "augment": [("partial", "augment"), ("full", "augment"), ("lora", "augment")],
 }
 
 
@@ -55,7 +55,7 @@ def check_pipeline_parameters(params: Mapping[str, Any]) -> None:
     two, such as packaged weights and the backbone, needs both), so callers pass the whole
     set with defaults filled in."""
     problems = {**_stage_problems(params), **_pipeline_problems(params),
-                **_backbone_problems(params)}
+                **_backbone_problems(params), **_lora_problems(params)}
     if problems:
         raise ThawError("invalid pipeline parameters: " + "; ".join(
             f"{name} {problem}" for name, problem in problems.items()))
@@ -119,6 +119,22 @@ def _weights_problem(weights: str, backbone: str | None) -> dict[str, str]:
                            f"{' or '.join(WEIGHT_URI_SCHEMES)} URI of a "
                            f"{'/'.join(WEIGHT_FILE_SUFFIXES)} file, got {weights!r}"}
     return {}
+
+
+def _lora_problems(params: Mapping[str, Any]) -> dict[str, str]:
+    """With ``lora`` on, the backbone must have attention or MLP linear layers to adapt
+    (``thaw.training.lora``; on the meta device). A backbone that is no timm model is
+    ``_backbone_problems``' to name."""
+    backbone = params.get("backbone")
+    if not params.get("lora") or backbone is None or importlib.util.find_spec("timm") is None:
+        return {}
+    import timm
+
+    if not timm.is_model(backbone):
+        return {}
+    from thaw.training.lora import lora_problems
+
+    return lora_problems(backbone, params.get("image_size"))
 
 
 def _backbone_problems(params: Mapping[str, Any]) -> dict[str, str]:

@@ -10,15 +10,21 @@ import torch
 from torch import nn
 
 from thaw.backbones import create_backbone
-from thaw.checkpoint import file_digest, load_checkpoint, model_from_checkpoint
+from thaw.checkpoint import (
+    CheckpointMirror,
+    file_digest,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from thaw.class_lists import class_diff
 from thaw.config import StageConfig
 from thaw.data.prepared import PreparedDataset
 from thaw.errors import ThawError
 from thaw.evaluation import classification_metrics
-from thaw.training import StageResult, train_stage
+from thaw.training import StageResult, distributed, train_stage
 from thaw.training.feeds import ImageFeed
 from thaw.training.loop import EpochCallback, default_device
+from thaw.training.lora import add_adapters, merge_best
 
 
 def run_stage(
@@ -34,6 +40,10 @@ def run_stage(
 ) -> StageResult:
     """Train stage ``cfg`` starting from ``init_checkpoint`` (the previous stage's best:
     gradual unfreezing) or, for the first stage, from ``arch`` with ``weights``.
+
+    The LoRA stage (``trainable="adapters"``) trains adapters added to the model, and its
+    ``best.pt`` ends with them merged into the weights (``thaw.training.lora``): a model
+    without LoRA layers to adapt is refused before anything trains.
 
     ``checkpoint_uri``: where the stage's checkpoints are mirrored for resuming after a
     retry (see ``train_stage``). The seed is set before the new head is created, so the
@@ -51,8 +61,17 @@ def run_stage(
         model = create_backbone(arch, len(classes), weights,
                                 image_size=data.manifest.data_config()["input_size"][-1])
         start_point = f"{arch} with weights {weights}"
-    return train_stage(model, data, cfg, out_dir, on_epoch_end=on_epoch_end,
-                       start_point=start_point, checkpoint_uri=checkpoint_uri)
+    if cfg.trainable != "adapters":
+        return train_stage(model, data, cfg, out_dir, on_epoch_end=on_epoch_end,
+                           start_point=start_point, checkpoint_uri=checkpoint_uri)
+    adapted = add_adapters(model, cfg)  # in place: the loop trains ``model`` itself
+    result = train_stage(model, data, cfg, out_dir, on_epoch_end=on_epoch_end,
+                         start_point=start_point, checkpoint_uri=checkpoint_uri)
+    if distributed.current().is_main:
+        merge_best(adapted, Path(result.best_checkpoint),
+                   CheckpointMirror(checkpoint_uri, Path(out_dir)))
+    distributed.current().barrier()
+    return result
 
 
 def check_classes(source: str, trained: list[str], classes: list[str]) -> None:

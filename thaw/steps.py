@@ -36,6 +36,8 @@ OUTCOME_FILE = "outcome.json"
 # s3:// prefix on a cluster, from the thaw-config ConfigMap). Unset: no mirroring.
 CHECKPOINT_ROOT_ENV = "THAW_CHECKPOINT_URI"
 FAILURE_FILE = "failed.json"
+# Left by an optional stage that a run leaves off (``stage_off_step``), in its model's place.
+STAGE_OFF_FILE = "stage_off.json"
 # Each step ends with one line a person reads first (thawctl's console shows it).
 SUMMARY = "thaw summary: %s"
 log = logging.getLogger(__name__)
@@ -193,16 +195,31 @@ def _record_failure(checkpoint_uri: str | None, err: ThawError) -> None:
         storage.upload_file(marker, f"{checkpoint_uri}/{FAILURE_FILE}")
 
 
+def stage_off_step(out_dir: Path, stage: str) -> None:
+    """Stand in for optional ``stage`` (the LoRA stage) that this run leaves off: its model
+    folder says so, and evaluate and register leave the stage out (``trained_stages``)."""
+    storage.write_json_atomic(Path(out_dir) / STAGE_OFF_FILE,
+                              {"stage": stage, "reason": f"the pipeline parameter {stage} is off"})
+    log.info(SUMMARY, f"{stage}: off")
+
+
+def trained_stages(stage_dirs: dict[str, Path]) -> dict[str, Path]:
+    """``stage_dirs`` without the stages a run left off (``stage_off_step``)."""
+    return {stage: Path(path) for stage, path in stage_dirs.items()
+            if not (Path(path) / STAGE_OFF_FILE).is_file()}
+
+
 def evaluate_step(prepared_dir: Path, stage_dirs: dict[str, Path]) -> dict[str, Any]:
     """Test-set metrics of every stage's best checkpoint, logged to that stage's run, with
     its worst test mistakes and its per-epoch history (for the run report, ``thaw.report``).
-    Test numbers are reported, never used to choose."""
+    Test numbers are reported, never used to choose. Stages left off are left out."""
     from thaw.checkpoint import load_checkpoint, model_from_checkpoint
     from thaw.data.prepared import ImageSplit
     from thaw.evaluation import classification_metrics, mistakes
     from thaw.stages import predict_split
 
     data = open_prepared(Path(prepared_dir))
+    stage_dirs = trained_stages(stage_dirs)
     # predict_split reads a streamed split shard by shard: its rows are in storage order
     image_index = ImageSplit(data, "test").storage_order() if data.streamed else None
     report: dict[str, Any] = {"classes": data.manifest.classes,
@@ -260,8 +277,10 @@ def register_step(report: dict[str, Any], stage_dirs: dict[str, Path], prepared_
     (``thaw.report``; in ``report_file``, whose path the outcome records as ``report``, else in
     a temporary file) are written before register returns; if writing them fails, the
     registration is undone (alias and version). The run report is then attached to the
-    parent run, as its other views are: a failure there only warns.
+    parent run, as its other views are: a failure there only warns. Stages left off
+    (``stage_off_step``) are no candidates.
     """
+    stage_dirs = trained_stages(stage_dirs)
     missing = [s["stage"] for s in report["stages"] if s["stage"] not in stage_dirs]
     if missing:
         raise ThawError(f"register got no model artifact for stage(s) {missing}")

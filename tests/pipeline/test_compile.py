@@ -8,7 +8,9 @@ import yaml
 from pipelines.thaw_pipeline import compile_pipeline
 
 GOLDEN = Path(__file__).resolve().parents[2] / "pipelines" / "thaw_pipeline.yaml"
-STEPS = ["source-version", "preprocess", "train", "train-2", "train-3", "evaluate", "register"]
+STEPS = ["source-version", "preprocess", "train", "train-2", "train-3", "train-4", "evaluate",
+         "register"]
+TRAINED = {"train", "train-2", "train-3", "train-4"}
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +33,38 @@ def test_steps_and_their_order(spec):
     assert deps["train"] == {"preprocess"}
     assert deps["train-2"] == {"preprocess", "train"}
     assert deps["train-3"] == {"preprocess", "train-2"}
-    assert deps["evaluate"] == {"preprocess", "train", "train-2", "train-3"}
+    assert deps["train-4"] == {"preprocess", "train"}  # lora starts from the probe
+    assert deps["evaluate"] == {"preprocess"} | TRAINED
     # register gets the models and the data (the champion gate scores the champion on it) as
     # its own inputs, never paths inside another step's pod
-    assert deps["register"] == {"preprocess", "evaluate", "train", "train-2", "train-3"}
+    assert deps["register"] == {"preprocess", "evaluate"} | TRAINED
     assert sorted(tasks["register"]["inputs"]["artifacts"]) == [
-        "full_model", "partial_model", "prepared", "probe_model", "report"]
+        "full_model", "lora_model", "partial_model", "prepared", "probe_model", "report"]
     assert "promote_on_class_change" in tasks["register"]["inputs"]["parameters"]
     names = [tasks[t]["taskInfo"]["name"] for t in STEPS]
     assert names[2].startswith("probe") and names[4].startswith("full")
+
+
+def test_the_lora_stage_starts_from_the_probe_and_its_parameter_switches_it(spec):
+    tasks = _dag(spec)
+    lora = tasks["train-4"]
+    assert lora["taskInfo"]["name"].startswith("lora")
+    assert lora["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] == "lora"
+    assert lora["inputs"]["parameters"]["enabled"]["componentInputParameter"] == \
+        "pipelinechannel--lora"
+    assert lora["inputs"]["parameters"]["epochs"]["componentInputParameter"] == \
+        "pipelinechannel--lora_epochs"
+    assert lora["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]["producerTask"] == \
+        "train"  # the probe's model, like partial
+    assert lora["retryPolicy"]["maxRetryCount"] == 2
+    for step in ("evaluate", "register"):
+        source = tasks[step]["inputs"]["artifacts"]["lora_model"]["taskOutputArtifact"]
+        assert source["producerTask"] == "train-4"
+    params = spec["pipeline"]["root"]["inputDefinitions"]["parameters"]
+    assert params["lora"]["defaultValue"] is False
+    assert {"lora_epochs", "lora_lr"} <= set(params)
+    checked = tasks["preprocess"]["inputs"]["parameters"]  # refused before any data is read
+    assert {"lora", "lora_epochs", "lora_lr"} <= set(checked)
 
 
 def test_preprocess_cache_key_includes_the_source_version(spec):

@@ -10,7 +10,7 @@ from pipelines.thaw_pipeline import compile_pipeline
 from thawctl.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "infra" / "cluster.example.yaml"
-GPU_TASKS = {"train", "train-2", "train-3", "evaluate", "register"}
+GPU_TASKS = {"train", "train-2", "train-3", "train-4", "evaluate", "register"}
 
 
 @pytest.fixture(scope="module")

@@ -194,7 +194,8 @@ def test_the_preprocess_component_fails_on_a_bad_parameter_through_kfp(tmp_path,
     good = dict(data_uri=str(tmp_path / "no-such-data"), source_version="v",
                 backbone="efficientnet_lite0", image_size=64, seed=0, max_bad_fraction=0.05,
                 weights="packaged", probe_epochs=1, probe_lr=1e-3, partial_epochs=1,
-                partial_lr=1e-3, full_epochs=1, full_lr=1e-3, augment="crop", batch_size=8,
+                partial_lr=1e-3, full_epochs=1, full_lr=1e-3, lora=False, lora_epochs=1,
+                lora_lr=1e-3, augment="crop", batch_size=8,
                 selection_metric="macro_f1", promotion_margin=0.0, num_workers=0,
                 preprocess_workers=0)
     with pytest.raises(RuntimeError, match="FAILURE"):
