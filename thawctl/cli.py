@@ -54,7 +54,6 @@ def _print_outcome(outcome: dict, ui_url: str | None) -> None:
     if ui_url:
         links = answer_links(ui_url, outcome)
         print(f"\nStage comparison (MLflow): {links.comparison}"
-              f"\nStage runs side by side:   {links.stage_runs}"
               f"\nAll runs of the experiment: {links.experiment}")
 
 

@@ -16,11 +16,11 @@ What the UI of the installed MLflow (3.17.2) reads, from its bundle in the wheel
 - Routes are hash routes: ``#/experiments/<id>/runs/<run>/artifacts/<path>`` opens a run
   on one artifact (``runPageWithArtifact``), the parent run's ``run_report.html`` (shown in
   a sandboxed iframe) or ``stage_comparison.png``.
-- The Runs tab reads ``compareRunsMode`` (``TABLE`` | ``CHART``) and the search facets
-  ``searchFilter``, ``orderByKey``, ``orderByAsc``, ... from the URL (``57637``/``13627``
-  modules); its chart view draws one chart per metric of the runs listed (a bar for a
-  single value, a line for a history). ``#/compare-runs?runs=[...]`` opens on a
-  parallel-coordinates plot of parameters instead, so thaw does not link it.
+- Not linked: the Runs tab as charts of the stage runs (``compareRunsMode=CHART`` with a
+  ``searchFilter`` on the parent run id). The UI lists nested runs collapsed under their
+  parent and charts only the runs listed, so in headless Chromium that page showed the
+  parent row and no chart. ``#/compare-runs?runs=[...]`` opens on a parallel-coordinates
+  plot of parameters. The parent run's report is the comparison.
 """
 
 from __future__ import annotations
@@ -41,11 +41,9 @@ MACHINE_LEARNING_WORKFLOW = {"workflowType": "machine_learning"}
 @dataclass(frozen=True)
 class AnswerLinks:
     """``comparison``: the parent run on its run report (or its stage chart);
-    ``stage_runs``: this pipeline run's stage runs side by side as charts;
     ``experiment``: the experiment's runs."""
 
     comparison: str
-    stage_runs: str
     experiment: str
 
 
@@ -61,15 +59,7 @@ def answer_links(ui_url: str, outcome: dict[str, Any]) -> AnswerLinks:
     base = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}"
     return AnswerLinks(
         comparison=_with_query(f"{base}/runs/{parent}/artifacts/{page}", {}),
-        stage_runs=_with_query(f"{base}/runs", {
-            "compareRunsMode": "CHART", "searchFilter": stage_runs_filter(parent),
-            "orderByKey": "attributes.start_time", "orderByAsc": "true"}),
         experiment=_with_query(f"{base}/runs", {}))
-
-
-def stage_runs_filter(parent_run_id: str) -> str:
-    """The MLflow search filter for the stage runs under ``parent_run_id``."""
-    return f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
 
 
 def _with_query(url: str, parameters: dict[str, str]) -> str:

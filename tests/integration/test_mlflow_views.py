@@ -118,9 +118,9 @@ def test_register_puts_the_stage_comparison_on_the_parent_run(
 
 def _check_answer_links(stack: StackInfo, outcome: dict, parent: str,
                         stages: list[dict]) -> None:
-    """The links the demo prints: the parent run on an artifact it holds, and a Runs-tab chart
-    view whose filter (the UI sends it to the same search API) finds exactly the stage runs;
-    each in the machine-learning workflow (what 3.17.2's UI reads: thawctl/mlflow_ui.py)."""
+    """The links the demo prints: the parent run on an artifact it holds, and the
+    experiment's runs; each in the machine-learning workflow (what 3.17.2's UI reads:
+    thawctl/mlflow_ui.py)."""
     links = answer_links(stack.ui_url, outcome)
     experiment_id = MlflowClient().get_run(parent).info.experiment_id
     base = f"{stack.ui_url.rstrip('/')}/#/experiments/{experiment_id}"
@@ -129,16 +129,9 @@ def _check_answer_links(stack: StackInfo, outcome: dict, parent: str,
     assert artifact in {a.path for a in MlflowClient().list_artifacts(parent)}
     assert artifact in ("run_report.html", mlflow_views.COMPARISON_FILE)
     assert parse_qs(query) == {"workflowType": ["machine_learning"]}
-    page, query = links.stage_runs.split("?")
+    page, query = links.experiment.split("?")
     assert page == f"{base}/runs"
-    facets = parse_qs(query)
-    assert facets["compareRunsMode"] == ["CHART"]
-    assert facets["workflowType"] == ["machine_learning"]
-    found = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
-                               filter_string=facets["searchFilter"][0],
-                               order_by=[f"{facets['orderByKey'][0]} ASC"])
-    assert [r.info.run_name for r in found] == ["probe", "partial", "full"]
-    assert [r.info.run_id for r in found] == [s["run_id"] for s in stages]
+    assert parse_qs(query) == {"workflowType": ["machine_learning"]}
 
 
 def test_a_chart_that_cannot_be_drawn_only_warns(stack: StackInfo, caplog) -> None:
