@@ -73,6 +73,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def measure_apart(script: str, *args: object) -> dict:
+    """``script --one *args`` in a process of its own, on one thread (its peak RSS is that
+    row's alone): the JSON row it prints last."""
+    out = subprocess.run([sys.executable, script, "--one", *map(str, args)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_machine(load_before: tuple[float, float, float]) -> dict:
+    """The machine record of a one-thread CPU benchmark that started at ``load_before``."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "load_before": load_before, "load_after": os.getloadavg(),
+            "threads": 1, "device": "cpu"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -87,16 +103,11 @@ def main() -> None:
 
     rows, load_before = [], os.getloadavg()
     for family, (arch, size) in FAMILIES.items():
-        out = subprocess.run([sys.executable, __file__, "--one", arch, str(size),
-                              "--batch", str(args.batch), "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        rows.append({"family": family, **json.loads(out.stdout.strip().splitlines()[-1])})
+        rows.append({"family": family, **measure_apart(
+            __file__, arch, size, "--batch", args.batch, "--steps", args.steps)})
         print(rows[-1], flush=True)
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_before": load_before, "load_after": os.getloadavg(),
-                          "threads": 1, "device": "cpu"},
-              "batch": args.batch, "steps": args.steps, "rows": rows}
+    report = {"machine": cpu_machine(load_before), "batch": args.batch, "steps": args.steps,
+              "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "backbone_zoo.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "backbone_zoo.md").write_text(markdown(report))

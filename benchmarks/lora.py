@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from backbone_zoo import peak_rss_mb, step_ms  # noqa: E402
+from backbone_zoo import cpu_machine, measure_apart, peak_rss_mb, step_ms  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("partial", "full", "lora")
@@ -71,15 +69,10 @@ def main() -> None:
     for model in args.models:
         arch, size = model.split(":")
         for stage in STAGES:
-            out = subprocess.run([sys.executable, __file__, "--one", arch, size, stage,
-                                  "--batch", str(args.batch), "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(measure_apart(__file__, arch, size, stage, "--batch", args.batch,
+                                      "--steps", args.steps))
             print(rows[-1], flush=True)
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_before": load_before, "load_after": os.getloadavg(),
-                          "threads": 1, "device": "cpu"},
+    report = {"machine": cpu_machine(load_before),
               "weights": "none (random init)", "batch": args.batch, "steps": args.steps,
               "rows": rows}
     RESULTS.mkdir(exist_ok=True)
