@@ -214,8 +214,10 @@ def cluster(kfp_env, tmp_path, monkeypatch):
 
 
 def test_submit_checks_the_secret_and_configmap_keys(cluster, standin, thaw):
-    """A missing key leaves the pod Pending with CreateContainerConfigError, which Argo never
-    retries (kubeflow/pipelines issue 17 item; the keys from the compiled platform spec)."""
+    """A missing key leaves the pod Pending with CreateContainerConfigError (kubernetes
+    ``pkg/kubelet/kubelet_pods.go`` ``makeEnvironmentVariables``), which Argo never fails nor
+    retries (argo-workflows ``workflow/controller/operator.go`` ``getPendingReason`` at
+    v3.6.7-v4.0.5); the keys come from the compiled platform spec."""
     ok = thaw("submit")
     assert ok.code == 0, ok.err
     assert "keys checked in namespace kubeflow" in ok.out

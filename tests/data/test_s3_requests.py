@@ -208,6 +208,31 @@ def test_uploads_carry_checksums_only_when_the_environment_asks(
     assert (dest / "large.bin").read_bytes() == (src / "large.bin").read_bytes()
 
 
+@pytest.mark.parametrize(("manifest_env", "checksummed"), [(None, True), ("when_required", False)])
+def test_the_mlflow_servers_uploads_follow_the_manifests_checksum_env(
+        proxy: RecordingProxy, tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch,
+        manifest_env: str | None, checksummed: bool) -> None:
+    """The MLflow server (and the bucket Job) use a plain boto3 client, not thaw's: MLflow's
+    S3ArtifactRepository (mlflow/store/artifact/s3_artifact_repo.py ``_cached_get_s3_client``,
+    ``_upload_file``, mlflow 3.17.2). Left alone, it CRC32-trails every upload; with the
+    ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` that infra/base/mlflow.yaml and
+    buckets-job.yaml set, it sends none."""
+    from mlflow.store.artifact import s3_artifact_repo
+
+    if manifest_env:
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", manifest_env)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", proxy.url)
+    s3_artifact_repo._cached_get_s3_client.cache_clear()  # a client keeps its checksum setting
+    artifact = tmp_path / "metrics.json"
+    artifact.write_text("{}")
+
+    s3_artifact_repo.S3ArtifactRepository(f"{s3_bucket}/mlflow/run").log_artifact(str(artifact))
+
+    (put,) = proxy.requests("PUT")
+    assert put.status == 200
+    assert ("x-amz-trailer" in _checksum_headers(put)) is checksummed
+
+
 def _read(reader: str, uri: str, key: str, dest: Path) -> Path:
     """Read the object ``key`` below the folder ``uri`` the way thaw's callers do."""
     if reader == "download_prefix":
