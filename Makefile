@@ -57,7 +57,8 @@ compile: install ## write the pipeline YAML to upload in the Kubeflow UI
 bench: install ## stage speed and loop efficiency on the sample, JSON out (benchmarks/results/)
 	$(PY) benchmarks/stages.py --output benchmarks/results/stages.json
 
-bench-quality: install ## thaw vs the textbook script: 4 datasets, 2 budgets, 3 seeds (~1 h on 2 cores)
+bench-quality: install ## thaw vs the reference script on the report datasets, 2 budgets, 3 seeds (~90 min on 2 cores)
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/quality.py $(BENCH_ARGS)
 
 bench-throughput: install ## loop images/s vs the model's own on device tensors, then preprocess images/s, RSS and disk at 10k/100k images; JSON out (BENCH_ARGS for the loop)

@@ -1,10 +1,12 @@
-"""Quality benchmark: thaw's recipe against the textbook fine-tuning script, JSON + Markdown.
+"""Quality benchmark: thaw's recipe against a peer fine-tuning script, JSON + Markdown.
 
 For every dataset (benchmarks/quality_data.py), budget (epochs per stage) and seed, both train
 EfficientNet-Lite0 from the packaged ImageNet weights at 64 px on the same train/val/test
 folders. thaw runs the library exactly as the pipeline's steps do (prepare, three stages each
-starting from the previous stage's best, the stage chosen on validation); the textbook script
-(benchmarks/peers/textbook.py) reports its best stage picked on test.
+starting from the previous stage's best, the stage chosen on validation). The peers report
+their best stage picked on test: ``reference`` is the carefully written staged script kept
+outside the project (``../shared/peers/staged_reference.py``, run as it is, from its own
+folder), ``textbook`` the weaker hand-made script of benchmarks/peers/textbook.py.
 
 Per run: every stage's val and test accuracy and macro-F1 and wall seconds, the chosen
 stage, and for thaw a timeline of (seconds since start, test accuracy of the model thaw would
@@ -31,6 +33,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+REFERENCE = HERE.parent.parent / "shared" / "peers" / "staged_reference.py"
+PEERS = ("reference", "textbook")
 STAGES = ("probe", "partial", "full")
 ARCH, WEIGHTS, IMAGE_SIZE = "efficientnet_lite0", "packaged", 64
 # Ablations: thaw with one default changed, the evidence for the README's recipe table.
@@ -41,6 +45,22 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "previous-lrs": {"partial": {"backbone_lr_scale": 0.1},
                      "full": {"lr": 5e-4, "backbone_lr_scale": 0.1, "layer_decay": 0.7}},
     "warmup-half": {s: {"warmup_fraction": 0.5} for s in ("partial", "full")},
+    # Tried against the wrecked full stage at 1/2/2 (results/quality-tuning-runs.jsonl):
+    # lower fine-tuning LRs at any length, with or without a longer warmup, and LP-FT's low
+    # LRs after the probe. Their full stages have fixed LRs, as the recipe had then.
+    "gentle": {"partial": {"backbone_lr_scale": 0.1},
+               "full": {"lr": 1e-3, "backbone_lr_scale": 0.3, "layer_decay": 0.5,
+                        "nominal_epochs": 0}},
+    "gentle-warmup": {"partial": {"backbone_lr_scale": 0.1, "warmup_fraction": 0.3},
+                      "full": {"lr": 1e-3, "backbone_lr_scale": 0.3, "layer_decay": 0.5,
+                               "warmup_fraction": 0.3, "nominal_epochs": 0}},
+    "gentle-full": {"full": {"lr": 1e-3, "backbone_lr_scale": 0.3, "layer_decay": 0.5,
+                             "nominal_epochs": 0}},
+    "lpft": {"partial": {"lr": 3e-4, "backbone_lr_scale": 0.3},
+             "full": {"lr": 3e-4, "backbone_lr_scale": 0.3, "layer_decay": 0.5,
+                      "nominal_epochs": 0}},
+    # the recipe before its full stage's LR scaled with the stage's length
+    "fixed-full-lr": {"full": {"nominal_epochs": 0}},
 }
 
 
@@ -113,6 +133,7 @@ def run_thaw(data_dir: Path, epochs: list[int], seed: int,
                              "val_macro_f1": result.best_val["macro_f1"],
                              "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
                              "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                             "val_macro_f1_by_epoch": [r["val_macro_f1"] for r in result.history],
                              "seconds": seconds}
             previous = Path(result.best_checkpoint)
     # The pipeline's rule (thaw.champion.choose): best validation macro-F1, ties to the later.
@@ -136,6 +157,27 @@ def run_textbook(data_dir: Path, epochs: list[int], seed: int) -> dict[str, Any]
             "test_macro_f1": result["macro_f1"], "seconds": result["seconds"]}
 
 
+def run_reference(data_dir: Path, epochs: list[int], seed: int,
+                  script: Path = REFERENCE) -> dict[str, Any]:
+    """The reference script as it is, from its own folder; its stage ``last_stage`` is thaw's
+    ``partial``. Its seconds to a stage are its training seconds up to the end of that stage
+    (its test scoring, which also picks its best stage, excluded)."""
+    out = subprocess.run([sys.executable, script.name, str(data_dir.resolve()),
+                          "--epochs", ",".join(map(str, epochs)), "--seed", str(seed)],
+                         cwd=script.parent, check=True, capture_output=True, text=True)
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    names = {"probe": "probe", "last_stage": "partial", "full": "full"}
+    stages, elapsed = {}, 0.0
+    for line in lines[:-1]:
+        elapsed += line["train_s"]
+        stages[names[line["stage"]]] = {"test_accuracy": line["test_acc"],
+                                        "test_macro_f1": line["test_macro_f1"],
+                                        "seconds": elapsed}
+    best = names[lines[-1]["best_stage"]]
+    return {"stages": stages, "chosen_stage": best, "test_accuracy": stages[best]["test_accuracy"],
+            "test_macro_f1": stages[best]["test_macro_f1"], "seconds": lines[-1]["total_s"]}
+
+
 def load_runs(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -146,39 +188,40 @@ def time_to(timeline: list[list[float]], target: float) -> float | None:
     return next((t for t, acc in timeline if acc >= target - 1e-9), None)
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over seeds per (dataset, budget), and the comparisons the issue asks for."""
+def summarise(runs: list[dict[str, Any]], peer: str) -> dict[str, Any]:
+    """Means over seeds per (dataset, budget) of thaw against ``peer``, the verdicts per
+    budget, the ablations, and how often a fine-tuning stage beat its own start."""
     by_key: dict[tuple[str, str], dict[str, dict[int, Any]]] = {}
     for run in runs:
         slot = by_key.setdefault((run["dataset"], run["budget"]), {})
         slot.setdefault(run["method"], {})[run["seed"]] = run["result"]
     rows = []
     for (dataset, budget), methods in sorted(by_key.items()):
-        thaw, book = methods.get("thaw", {}), methods.get("textbook", {})
-        seeds = sorted(set(thaw) & set(book))
+        thaw, other = methods.get("thaw", {}), methods.get(peer, {})
+        seeds = sorted(set(thaw) & set(other))
         if not seeds:
             continue
-        times = [time_to(thaw[s]["timeline"], book[s]["test_accuracy"]) for s in seeds]
+        times = [time_to(thaw[s]["timeline"], other[s]["test_accuracy"]) for s in seeds]
         row = {"dataset": dataset, "budget": budget, "seeds": seeds,
-               "textbook_test_accuracy": mean(book[s]["test_accuracy"] for s in seeds),
-               "textbook_test_macro_f1": mean(book[s]["test_macro_f1"] for s in seeds),
-               "textbook_best_stages": [book[s]["chosen_stage"] for s in seeds],
-               "textbook_seconds_to_best": mean(
-                   book[s]["stages"][book[s]["chosen_stage"]]["seconds"] for s in seeds),
-               "textbook_seconds": mean(book[s]["seconds"] for s in seeds),
+               "peer_test_accuracy": mean(other[s]["test_accuracy"] for s in seeds),
+               "peer_test_macro_f1": mean(other[s]["test_macro_f1"] for s in seeds),
+               "peer_best_stages": [other[s]["chosen_stage"] for s in seeds],
+               "peer_seconds_to_best": mean(
+                   other[s]["stages"][other[s]["chosen_stage"]]["seconds"] for s in seeds),
+               "peer_seconds": mean(other[s]["seconds"] for s in seeds),
                "thaw_test_accuracy": mean(thaw[s]["test_accuracy"] for s in seeds),
                "thaw_test_macro_f1": mean(thaw[s]["test_macro_f1"] for s in seeds),
                "thaw_chosen_stages": [thaw[s]["chosen_stage"] for s in seeds],
                "thaw_seconds": mean(thaw[s]["seconds"] for s in seeds),
-               "thaw_seconds_to_textbook_best": (mean(times) if None not in times else None),
+               "thaw_seconds_to_peer_best": (mean(times) if None not in times else None),
                "thaw_stages": {st: {k: mean(thaw[s]["stages"][st][k] for s in seeds)
                                     for k in ("val_accuracy", "val_macro_f1", "test_accuracy",
                                               "test_macro_f1", "seconds")}
                                for st in STAGES},
-               "textbook_stages": {st: {k: mean(book[s]["stages"][st][k] for s in seeds)
-                                        for k in ("test_accuracy", "test_macro_f1", "seconds")}
-                                   for st in STAGES}}
-        row["gain_points"] = 100 * (row["thaw_test_accuracy"] - row["textbook_test_accuracy"])
+               "peer_stages": {st: {k: mean(other[s]["stages"][st][k] for s in seeds)
+                                    for k in ("test_accuracy", "test_macro_f1", "seconds")}
+                               for st in STAGES}}
+        row["gain_points"] = 100 * (row["thaw_test_accuracy"] - row["peer_test_accuracy"])
         rows.append(row)
     verdict = {}
     for budget in sorted({r["budget"] for r in rows}):
@@ -187,11 +230,25 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "mean_gain_points": mean(r["gain_points"] for r in mine),
             "worst_gain_points": min(r["gain_points"] for r in mine),
             "faster_on_every_dataset": all(
-                r["thaw_seconds_to_textbook_best"] is not None
-                and r["thaw_seconds_to_textbook_best"] < r["textbook_seconds_to_best"]
+                r["thaw_seconds_to_peer_best"] is not None
+                and r["thaw_seconds_to_peer_best"] < r["peer_seconds_to_best"]
                 for r in mine),
         }
-    return {"rows": rows, "verdict": verdict, "ablations": ablations(by_key)}
+    return {"peer": peer, "rows": rows, "verdict": verdict, "ablations": ablations(by_key),
+            "beat_own_start": beat_own_start(runs)}
+
+
+def beat_own_start(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per thaw variant and budget: the share of (dataset, seed) runs in which partial and
+    full each kept a trained epoch, not their epoch 0 (the model they started from)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        if run["method"] not in PEERS:
+            groups.setdefault((run["method"], run["budget"]), []).append(run["result"])
+    return [{"method": method, "budget": budget, "runs": len(results),
+             **{f"{stage}_share": mean(r["stages"][stage]["best_epoch"] > 0 for r in results)
+                for stage in ("partial", "full")}}
+            for (method, budget), results in sorted(groups.items())]
 
 
 def ablations(by_key: dict[tuple[str, str], dict[str, dict[int, Any]]]) -> list[dict[str, Any]]:
@@ -199,7 +256,7 @@ def ablations(by_key: dict[tuple[str, str], dict[str, dict[int, Any]]]) -> list[
     out = []
     for (dataset, budget), methods in sorted(by_key.items()):
         for variant, runs in methods.items():
-            if variant in ("thaw", "textbook"):
+            if variant in ("thaw", *PEERS):
                 continue
             seeds = sorted(set(runs) & set(methods.get("thaw", {})))
             if not seeds:
@@ -223,32 +280,39 @@ def ablations(by_key: dict[tuple[str, str], dict[str, dict[int, Any]]]) -> list[
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    lines = [f"# Quality: thaw vs the textbook script ({meta['arch']}, {meta['weights']} "
+    peer = summary["peer"]
+    lines = [f"# Quality: thaw vs the {peer} script ({meta['arch']}, {meta['weights']} "
              f"weights, {meta['image_size']} px, {meta['device']}, {meta['cpu_count']} cores)",
              "",
              "Means over seeds. Test accuracy in %; thaw's stage is chosen on validation, the "
-             "script's best stage is picked on test. Time to accuracy: seconds until thaw's "
-             "chosen model reaches the script's best test accuracy (same seed), against the "
-             "script's own seconds to its best stage.",
+             f"{peer} script's best stage is picked on test. Time to accuracy: seconds until "
+             "thaw's chosen model reaches the script's best test accuracy (same seed), against "
+             "the script's own seconds to its best stage.",
              "",
-             "| dataset | budget | textbook best | thaw chosen | gain (points) | thaw stages "
+             f"| dataset | budget | {peer} best | thaw chosen | gain (points) | thaw stages "
              "(probe/partial/full test) | time to script's best: thaw / script (s) |",
              "|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         per_stage = " / ".join(f"{100 * r['thaw_stages'][s]['test_accuracy']:.1f}"
                                for s in STAGES)
-        ttt = r["thaw_seconds_to_textbook_best"]
+        ttt = r["thaw_seconds_to_peer_best"]
         ttt_text = "never" if ttt is None else f"{ttt:.0f}"
         chosen = ", ".join(r["thaw_chosen_stages"])
-        lines.append(f"| {r['dataset']} | {r['budget']} | {100 * r['textbook_test_accuracy']:.1f}"
+        lines.append(f"| {r['dataset']} | {r['budget']} | {100 * r['peer_test_accuracy']:.1f}"
                      f" | {100 * r['thaw_test_accuracy']:.1f} ({chosen})"
                      f" | {r['gain_points']:+.1f} | {per_stage} | {ttt_text} / "
-                     f"{r['textbook_seconds_to_best']:.0f} |")
+                     f"{r['peer_seconds_to_best']:.0f} |")
     lines += ["", "| budget | mean gain (points) | worst dataset (points) | "
               "faster on every dataset |", "|---|---|---|---|"]
     for budget, v in summary["verdict"].items():
         lines.append(f"| {budget} | {v['mean_gain_points']:+.1f} | {v['worst_gain_points']:+.1f} "
                      f"| {'yes' if v['faster_on_every_dataset'] else 'no'} |")
+    lines += ["", "Fine-tuning stages that beat their own start (share of (dataset, seed) runs "
+              "whose best epoch is a trained one, not epoch 0):", "",
+              "| thaw variant | budget | runs | partial | full |", "|---|---|---|---|---|"]
+    for b in summary["beat_own_start"]:
+        lines.append(f"| {b['method']} | {b['budget']} | {b['runs']} | "
+                     f"{100 * b['partial_share']:.0f} % | {100 * b['full_share']:.0f} % |")
     if summary["ablations"]:
         lines += ["", "Ablations: thaw with one default changed (test accuracy %, means over the "
                   "same seeds; positive: the default is better).", "",
@@ -266,20 +330,29 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from quality_data import BUILDERS, build
+    from quality_data import BUILDERS, REPORT, build
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=list(BUILDERS))
+    parser.add_argument("--datasets", nargs="+", default=list(REPORT), choices=list(BUILDERS),
+                        help="default: the report group, never tuned on (quality_data.REPORT)")
     parser.add_argument("--budgets", nargs="+", default=["1/2/2", "defaults"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["textbook", "thaw"],
-                        choices=["textbook", *VARIANTS],
-                        help="textbook, thaw, or an ablation of thaw (VARIANTS)")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "quality-runs.jsonl")
-    parser.add_argument("--output", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument("--peer", choices=PEERS, default="reference",
+                        help="the script thaw is compared with in the tables")
+    parser.add_argument("--methods", nargs="+", default=None, choices=[*PEERS, *VARIANTS],
+                        help="what to run (default: the peer and thaw); a peer, thaw, or an "
+                             "ablation of thaw (VARIANTS)")
+    parser.add_argument("--reference-script", type=Path, default=REFERENCE)
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="default: results/quality-<peer>-runs.jsonl")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: results/quality-<peer>.json (and .md)")
     parser.add_argument("--cache", type=Path, default=Path(".thaw/bench-data"))
     parser.add_argument("--summarise", action="store_true", help="only rebuild the tables")
     args = parser.parse_args()
+    args.methods = args.methods or [args.peer, "thaw"]
+    args.runs = args.runs or RESULTS / f"quality-{args.peer}-runs.jsonl"
+    args.output = args.output or RESULTS / f"quality-{args.peer}.json"
 
     import torch
 
@@ -301,6 +374,8 @@ def main() -> None:
                         load = os.getloadavg()[0]
                         if method == "textbook":
                             result = run_textbook(folder, epochs, seed)
+                        elif method == "reference":
+                            result = run_reference(folder, epochs, seed, args.reference_script)
                         else:
                             result = run_thaw(folder, epochs, seed, VARIANTS[method])
                         record = {"method": method, "dataset": dataset, "budget": budget,
@@ -308,11 +383,11 @@ def main() -> None:
                                   "result": result}
                         with args.runs.open("a") as fh:
                             fh.write(json.dumps(record) + "\n")
-                        print(f"{method:8s} {dataset:10s} {budget:8s} seed {seed}: test "
+                        print(f"{method:10s} {dataset:17s} {budget:8s} seed {seed}: test "
                               f"accuracy {result['test_accuracy']:.3f} "
                               f"({result['chosen_stage']}) in {result['seconds']:.0f}s",
                               flush=True)
-    summary = summarise(load_runs(args.runs))
+    summary = summarise(load_runs(args.runs), args.peer)
     args.output.write_text(json.dumps({**meta, **summary}, indent=2))
     args.output.with_suffix(".md").write_text(markdown(summary, meta))
     print(args.output.with_suffix(".md").read_text())

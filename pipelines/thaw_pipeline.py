@@ -205,7 +205,9 @@ def build_pipeline(settings: ClusterSettings | None = None):
             partial_epochs: Most epochs with the last stage (ResNet layer4) unfrozen.
             partial_lr: Head learning rate of the partial stage (the backbone gets less).
             full_epochs: Most epochs of the full fine-tune.
-            full_lr: Head learning rate of the full fine-tune; earlier layers get less.
+            full_lr: Head learning rate of the full fine-tune; earlier layers get less. A stage
+                shorter than the recipe's nominal length (nominal_epochs in thaw/config.py)
+                peaks proportionally lower.
             lora: Also train a LoRA stage from the probe: low-rank adapters on the attention
                 and MLP layers plus the head (ViT-like backbones), registered with merged
                 weights if it wins. Partial and full still run.

@@ -65,7 +65,22 @@ def test_warmup_is_a_fraction_of_the_stage_then_cosine():
     assert 8 <= peak <= 10
     assert lrs[:peak] == sorted(lrs[:peak])
     assert lrs[peak:] == sorted(lrs[peak:], reverse=True)
-    assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.05)
+    assert lrs[-1] == pytest.approx(cfg.peak_lr * cfg.min_lr_ratio, rel=0.05)
+
+
+@pytest.mark.parametrize(("epochs", "nominal", "scale"),
+                         [(2, 6, 1 / 3), (6, 6, 1.0), (9, 6, 1.0), (2, 0, 1.0)])
+def test_a_stage_shorter_than_its_nominal_length_peaks_lower(epochs, nominal, scale):
+    """Every group's peak (and so its floor) scales with the stage's length, the
+    discriminative ratios kept."""
+    model, _, cfg, optimizer = _prepared_optimizer("full", epochs=epochs, nominal_epochs=nominal,
+                                                   warmup_fraction=0)
+    build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    assert cfg.peak_lr == pytest.approx(cfg.lr * scale)
+    head, last_stage = (_lr_of(optimizer, p) for p in (model.fc.weight,
+                                                       model.layer4[0].conv1.weight))
+    assert head == pytest.approx(cfg.lr * scale)
+    assert last_stage == pytest.approx(head * cfg.backbone_lr_scale)
 
 
 def test_frozen_batchnorm_stays_in_eval_mode():

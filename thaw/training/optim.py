@@ -46,7 +46,7 @@ def build_optimizer(model: nn.Module, groups: StageGroups, cfg: StageConfig,
                 )
     # fused: one kernel per step, and it takes ``found_inf`` (set by the loop), with which a
     # step whose loss was not finite is skipped on the device, without a host sync.
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, fused=True)
+    return torch.optim.AdamW(param_groups, lr=cfg.peak_lr, fused=True)
 
 
 def build_scheduler(
@@ -58,9 +58,9 @@ def build_scheduler(
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=total - warmup,
-        lr_min=cfg.lr * cfg.min_lr_ratio,
+        lr_min=cfg.peak_lr * cfg.min_lr_ratio,
         warmup_t=warmup,
-        warmup_lr_init=cfg.lr * 0.01,
+        warmup_lr_init=cfg.peak_lr * 0.01,
         warmup_prefix=True,
         t_in_epochs=False,
     )
