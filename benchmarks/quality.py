@@ -214,6 +214,11 @@ def summarise(runs: list[dict[str, Any]], peer: str) -> dict[str, Any]:
                "thaw_chosen_stages": [thaw[s]["chosen_stage"] for s in seeds],
                "thaw_seconds": mean(thaw[s]["seconds"] for s in seeds),
                "thaw_seconds_to_peer_best": (mean(times) if None not in times else None),
+               # seeds in which thaw's model reached the peer's best sooner than the peer did
+               "thaw_faster_seeds": sum(
+                   t is not None
+                   and t < other[s]["stages"][other[s]["chosen_stage"]]["seconds"]
+                   for t, s in zip(times, seeds, strict=True)),
                "thaw_stages": {st: {k: mean(thaw[s]["stages"][st][k] for s in seeds)
                                     for k in ("val_accuracy", "val_macro_f1", "test_accuracy",
                                               "test_macro_f1", "seconds")}
@@ -229,6 +234,8 @@ def summarise(runs: list[dict[str, Any]], peer: str) -> dict[str, Any]:
         verdict[budget] = {
             "mean_gain_points": mean(r["gain_points"] for r in mine),
             "worst_gain_points": min(r["gain_points"] for r in mine),
+            "faster_runs": f"{sum(r['thaw_faster_seeds'] for r in mine)} of "
+                           f"{sum(len(r['seeds']) for r in mine)}",
             "faster_on_every_dataset": all(
                 r["thaw_seconds_to_peer_best"] is not None
                 and r["thaw_seconds_to_peer_best"] < r["peer_seconds_to_best"]
@@ -287,11 +294,13 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
              "Means over seeds. Test accuracy in %; thaw's stage is chosen on validation, the "
              f"{peer} script's best stage is picked on test. Time to accuracy: seconds until "
              "thaw's chosen model reaches the script's best test accuracy (same seed), against "
-             "the script's own seconds to its best stage.",
+             "the script's own seconds to its best stage; \"never\" when some seed's chosen "
+             "model never reached it.",
              "",
              f"| dataset | budget | {peer} best | thaw chosen | gain (points) | thaw stages "
-             "(probe/partial/full test) | time to script's best: thaw / script (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "(probe/partial/full test) | time to script's best: thaw / script (s) | "
+             "seeds thaw got there first |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         per_stage = " / ".join(f"{100 * r['thaw_stages'][s]['test_accuracy']:.1f}"
                                for s in STAGES)
@@ -301,12 +310,15 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(f"| {r['dataset']} | {r['budget']} | {100 * r['peer_test_accuracy']:.1f}"
                      f" | {100 * r['thaw_test_accuracy']:.1f} ({chosen})"
                      f" | {r['gain_points']:+.1f} | {per_stage} | {ttt_text} / "
-                     f"{r['peer_seconds_to_best']:.0f} |")
+                     f"{r['peer_seconds_to_best']:.0f} | {r['thaw_faster_seeds']} of "
+                     f"{len(r['seeds'])} |")
     lines += ["", "| budget | mean gain (points) | worst dataset (points) | "
-              "faster on every dataset |", "|---|---|---|---|"]
+              "faster on every dataset (means) | runs thaw got there first |",
+              "|---|---|---|---|---|"]
     for budget, v in summary["verdict"].items():
         lines.append(f"| {budget} | {v['mean_gain_points']:+.1f} | {v['worst_gain_points']:+.1f} "
-                     f"| {'yes' if v['faster_on_every_dataset'] else 'no'} |")
+                     f"| {'yes' if v['faster_on_every_dataset'] else 'no'} "
+                     f"| {v['faster_runs']} |")
     lines += ["", "Fine-tuning stages that beat their own start (share of (dataset, seed) runs "
               "whose best epoch is a trained one, not epoch 0):", "",
               "| thaw variant | budget | runs | partial | full |", "|---|---|---|---|---|"]
