@@ -202,12 +202,12 @@ def summarise(runs: list[dict[str, Any]], peer: str) -> dict[str, Any]:
         if not seeds:
             continue
         times = [time_to(thaw[s]["timeline"], other[s]["test_accuracy"]) for s in seeds]
+        peer_times = [other[s]["stages"][other[s]["chosen_stage"]]["seconds"] for s in seeds]
         row = {"dataset": dataset, "budget": budget, "seeds": seeds,
                "peer_test_accuracy": mean(other[s]["test_accuracy"] for s in seeds),
                "peer_test_macro_f1": mean(other[s]["test_macro_f1"] for s in seeds),
                "peer_best_stages": [other[s]["chosen_stage"] for s in seeds],
-               "peer_seconds_to_best": mean(
-                   other[s]["stages"][other[s]["chosen_stage"]]["seconds"] for s in seeds),
+               "peer_seconds_to_best": mean(peer_times),
                "peer_seconds": mean(other[s]["seconds"] for s in seeds),
                "thaw_test_accuracy": mean(thaw[s]["test_accuracy"] for s in seeds),
                "thaw_test_macro_f1": mean(thaw[s]["test_macro_f1"] for s in seeds),
@@ -215,10 +215,8 @@ def summarise(runs: list[dict[str, Any]], peer: str) -> dict[str, Any]:
                "thaw_seconds": mean(thaw[s]["seconds"] for s in seeds),
                "thaw_seconds_to_peer_best": (mean(times) if None not in times else None),
                # seeds in which thaw's model reached the peer's best sooner than the peer did
-               "thaw_faster_seeds": sum(
-                   t is not None
-                   and t < other[s]["stages"][other[s]["chosen_stage"]]["seconds"]
-                   for t, s in zip(times, seeds, strict=True)),
+               "thaw_faster_seeds": sum(t is not None and t < peer
+                                        for t, peer in zip(times, peer_times, strict=True)),
                "thaw_stages": {st: {k: mean(thaw[s]["stages"][st][k] for s in seeds)
                                     for k in ("val_accuracy", "val_macro_f1", "test_accuracy",
                                               "test_macro_f1", "seconds")}

@@ -14,7 +14,6 @@ All of them exist offline on this machine:
   position and colours, on noisy backgrounds: synthetic text, far from ImageNet's photos.
   Mirror pairs (b/d, p/q, n/u) make horizontal flips label-changing.
 
-
 Sets made for the reference comparison (``REPORT`` below; thaw's defaults were never tuned on
 them):
 
@@ -42,7 +41,7 @@ Each builder is deterministic (fixed seed): the benchmark's seeds vary training,
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +60,12 @@ def _write(root: Path, split: str, class_name: str, index: int, image: Image.Ima
 
 
 def _fashion_mnist(root: Path, train_per_class: int, val_per_class: int,
-                   test_per_class: int = 100) -> None:
+                   test_per_class: int = 100, classes: Sequence[str] = CLASS_NAMES) -> None:
     rng = np.random.default_rng(0)
     images, labels = load_split(DEFAULT_IDX_DIR, "train")
     test_images, test_labels = load_split(DEFAULT_IDX_DIR, "test")
-    for label, name in enumerate(CLASS_NAMES):
+    for name in classes:
+        label = CLASS_NAMES.index(name)
         picked = rng.choice(np.flatnonzero(labels == label),
                             train_per_class + val_per_class, replace=False)
         for i, index in enumerate(picked):
@@ -136,19 +136,9 @@ def _render(letter: str, fonts: list[Path], rng: np.random.Generator, size: int 
     return image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.2))))
 
 
-def fmnist_tops(root: Path, per_class: tuple[int, int, int] = (150, 40, 150)) -> None:
-    rng = np.random.default_rng(0)
-    images, labels = load_split(DEFAULT_IDX_DIR, "train")
-    test_images, test_labels = load_split(DEFAULT_IDX_DIR, "test")
-    for name in ("T-shirt_top", "Pullover", "Shirt"):
-        label = CLASS_NAMES.index(name)
-        train_n, val_n, test_n = per_class
-        picked = rng.choice(np.flatnonzero(labels == label), train_n + val_n, replace=False)
-        for i, index in enumerate(picked):
-            _write(root, "train" if i < train_n else "val", name, int(index),
-                   Image.fromarray(images[index]))
-        for index in rng.choice(np.flatnonzero(test_labels == label), test_n, replace=False):
-            _write(root, "test", name, int(index), Image.fromarray(test_images[index]))
+def fmnist_tops(root: Path) -> None:
+    _fashion_mnist(root, train_per_class=150, val_per_class=40, test_per_class=150,
+                   classes=("T-shirt_top", "Pullover", "Shirt"))
 
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
