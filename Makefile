@@ -21,7 +21,7 @@ IMAGE_ENV = IMAGE='$(IMAGE)' VERSION='$(VERSION)' BASE_IMAGE='$(BASE_IMAGE)' \
 	PREFETCH_BACKBONES='$(PREFETCH_BACKBONES)' CONTAINER_ENGINE='$(CONTAINER_ENGINE)'
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo compile bench bench-quality bench-throughput gpu-check sample-data stack-up stack-down clean
+.PHONY: help install test test-all test-fast lint format demo compile bench bench-quality bench-throughput gpu-check sample-data stack-up stack-down clean
 .PHONY: image image-name image-if-engine push base-image e2e-kind
 
 help: ## list the targets
@@ -35,8 +35,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install thaw with its dev extras (once)
 
-test: install image-if-engine ## every test tier on CPU, the image built and run (PYTEST_ARGS to narrow, TEST_WORKERS=0 for one process)
-	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+# `make test` leaves out the tests marked nightly: longer variants of what it runs on a
+# shorter path (pyproject.toml lists the markers). `make test-all` runs them too.
+PYTEST_XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+test: install image-if-engine ## every test tier on CPU but the nightly variants, the image built and run (PYTEST_ARGS to narrow, TEST_WORKERS=0 for one process)
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest $(PYTEST_XDIST) -m "not nightly" $(PYTEST_ARGS)
+
+test-all: install image-if-engine ## make test plus the nightly variants (whole extra pipeline runs, 3-process DDP)
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-fast: install ## only the fast unit and data tests
 	$(PY) -m pytest -m "not slow and not e2e and not container"

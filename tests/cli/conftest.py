@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import pytest
 from kfp_standin import KfpStandin, running
 
+from pipelines.settings import ClusterSettings
+from thawctl.compiled import CompiledPipeline
+
 CLEARED = ("KFP_HOST", "KFP_TOKEN", "KFP_NAMESPACE", "KF_PIPELINES_ENDPOINT",
            "KF_PIPELINES_UI_ENDPOINT", "KF_PIPELINES_SA_TOKEN_PATH", "THAW_IMAGE",
            "KUBERNETES_SERVICE_HOST")
@@ -43,10 +46,36 @@ def standin(kfp_env, monkeypatch) -> Iterator[KfpStandin]:
         yield server
 
 
+# One compile per cluster settings and pipeline defaults for the whole test process; see
+# the ``thaw`` fixture.
+_COMPILED: dict[tuple[str, str], CompiledPipeline] = {}
+
+
 @pytest.fixture
-def thaw(capsys) -> Callable[..., Result]:
-    """``thaw(*argv)``: run the CLI in process, return its exit code and output."""
+def thaw(capsys, monkeypatch) -> Callable[..., Result]:
+    """``thaw(*argv)``: run the CLI in process, return its exit code and output.
+
+    The commands compile the pipeline before anything else, and in a process that has torch
+    loaded a compile takes seconds (kfp 2.x calls ``inspect.stack()`` for every task setting,
+    ``PipelineTask._ensure_container_spec_exists``, and each frame's module is looked up
+    among thousands). The same settings compile to the same text, so the CLI tests share one
+    compile per (settings, pipeline defaults); a test that changes either gets its own.
+    ``tests/pipeline`` tests the compiler itself, uncached."""
+    import pipelines.thaw_pipeline as pipeline
+    import thawctl.compiled
+    import thawctl.kfp_cli
     from thawctl.cli import main
+
+    compile_once = thawctl.compiled.compile_spec
+
+    def compile_spec(settings: ClusterSettings) -> CompiledPipeline:
+        key = (repr(settings), repr(pipeline.D))
+        if key not in _COMPILED:
+            _COMPILED[key] = compile_once(settings)
+        return _COMPILED[key]
+
+    monkeypatch.setattr(thawctl.compiled, "compile_spec", compile_spec)
+    monkeypatch.setattr(thawctl.kfp_cli, "compile_spec", compile_spec)
 
     def run(*argv: str) -> Result:
         capsys.readouterr()

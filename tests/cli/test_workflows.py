@@ -91,17 +91,20 @@ def test_workflows_parse_and_name_credentials_only_as_secrets(name):
         assert "${{" not in step.get("run", ""), step
 
 
-def test_test_workflow_runs_the_ci_script_on_every_push():
+def test_test_workflow_runs_the_ci_script_on_every_push_and_everything_nightly():
     workflow = _load("test.yml")
     assert "push" in workflow["on"] and workflow["on"]["push"] is None  # every branch, tag
+    assert workflow["on"]["schedule"]
     (job,) = workflow["jobs"].values()
     assert job["runs-on"].startswith("ubuntu")
     python = [s for s in job["steps"] if s.get("uses", "").startswith("actions/setup-python")]
     assert python and python[0]["with"]["python-version"] == "3.11"
     runs = [s["run"] for s in job["steps"] if "run" in s]
-    assert any(r.strip() == 'sudo -E env "PATH=$PATH" bash .ci/run' for r in runs)
+    assert any(r.strip() == 'sudo -E env "PATH=$PATH" bash .ci/run "$TARGET"' for r in runs)
+    [target] = [s["env"]["TARGET"] for s in job["steps"] if "TARGET" in s.get("env", {})]
+    assert target == "${{ github.event_name == 'schedule' && 'test-all' || 'test' }}"
     ci = (REPO / ".ci" / "run").read_text()
-    assert "apt-get install" in ci and "make test" in ci  # why it runs as root
+    assert "apt-get install" in ci and 'make "${1:-test}"' in ci  # why it runs as root
     assert not [s for s in _strings(workflow) if "secrets." in s]
 
 

@@ -86,9 +86,17 @@ def streamed(source: Path, s3_bucket: str, tmp_path: Path) -> Path:
 
 def folder_bytes(path: Path) -> int:
     """Bytes of shards and downloads in a cache (lock files hold no data: a fetch's lock file
-    is sparse, its length the fetch's reservation)."""
-    return sum(entry.stat().st_size for entry in os.scandir(path)
-               if entry.is_file() and not entry.name.endswith(".lock"))
+    is sparse, its length the fetch's reservation). The read-ahead threads evict while this
+    counts: a file gone between the listing and its stat holds no bytes any more."""
+    total = 0
+    for entry in os.scandir(path):
+        if entry.name.endswith(".lock"):
+            continue
+        try:
+            total += entry.stat().st_size if entry.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total
 
 
 def cache_minimum(data: PreparedDataset) -> int:

@@ -20,7 +20,8 @@ import torch
 from tests.conftest import SAMPLE_DIR
 from tests.distributed.launch import finish, free_port, pod_environment, torchrun
 
-pytestmark = pytest.mark.slow
+# Three processes and a stalled MLflow: nightly (tests/distributed/test_ddp.py runs two).
+pytestmark = [pytest.mark.slow, pytest.mark.nightly]
 
 WORKER = Path(__file__).with_name("uneven_worker.py")
 PROCESSES = 3

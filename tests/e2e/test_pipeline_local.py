@@ -78,6 +78,7 @@ def test_champion_pyfunc_predicts_held_out_images(first_run, names, tmp_path, sa
     assert accuracy > 0.4, accuracy  # chance is 0.1
 
 
+@pytest.mark.nightly  # a second whole run; the gate itself: tests/integration/test_champion_gate.py
 def test_a_run_that_is_not_better_leaves_the_alias(first_run, names, tmp_path):
     outcome, _ = first_run
     second = run_local({**DEMO_PARAMETERS, **FAST, **names, "promotion_margin": 1.0}, tmp_path)

@@ -21,12 +21,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from tests.fidelity.parent_runs import parent_run
 from thaw import storage
 from thaw.checkpoint import load_checkpoint
-from thaw.tracking import PIPELINE_RUN_TAG
 from thawctl.local_run import IsolatedRunFailed, run_isolated
 
-pytestmark = [pytest.mark.fidelity, pytest.mark.slow]
+# A whole pipeline run in sandboxes, then two more: nightly. `make test` runs the same
+# pipeline in the image (test_image_pipeline.py), states and MLflow status included.
+pytestmark = [pytest.mark.fidelity, pytest.mark.slow, pytest.mark.nightly]
 PREPROCESS = "exit-handler-1/preprocess"
 PARTIAL = "exit-handler-1/train-2"
 
@@ -43,15 +45,6 @@ def baseline(fidelity_names, quick_retry_settings, tmp_path_factory):
     outcome = run_isolated(fidelity_names, work, engine="bwrap",
                            settings_file=quick_retry_settings)
     return outcome
-
-
-def _parent_run(experiment: str, pipeline_run_id: str):
-    """The MLflow parent run of one pipeline run."""
-    client = MlflowClient()
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    [parent] = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'")
-    return parent
 
 
 def _stage_output(outcome, task: str, tmp: Path) -> tuple[dict, dict]:
@@ -80,7 +73,7 @@ def test_a_successful_run_is_closed_in_mlflow_as_finished(baseline, fidelity_nam
     run = baseline["pipeline_run"]
     assert run.tasks["exit-handler-1"].state == "COMPLETE"  # what the exit handler receives
     assert run.tasks["finalize"].state == "COMPLETE"
-    parent = _parent_run(fidelity_names["mlflow_experiment"], run.run_id)
+    parent = parent_run(fidelity_names["mlflow_experiment"], run.run_id)
     assert parent.info.status == "FINISHED"
 
 
@@ -149,6 +142,6 @@ def test_a_changed_bucket_is_no_cache_hit_and_input_errors_are_not_retried(
     assert "not retrying: an earlier attempt failed on its input" in probe.error
     assert tasks["exit-handler-1"].state == "FAILED"
     assert tasks["finalize"].state == "COMPLETE"
-    parent = _parent_run(bad["mlflow_experiment"], failure.value.result.run_id)
+    parent = parent_run(bad["mlflow_experiment"], failure.value.result.run_id)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["thaw.error"] == "FAILED"  # the backend sends no message

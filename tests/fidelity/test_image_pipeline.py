@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from tests.fidelity.parent_runs import parent_run
 from thaw.errors import ThawError
 from thawctl.local_run import run_isolated
 from thawctl.sandbox import Sandbox
@@ -53,6 +54,11 @@ def test_the_pipeline_runs_in_the_image_step_by_step(fidelity_names, tmp_path, s
     assert {t.state for t in run.tasks.values()} <= {"COMPLETE", "CACHED"}
     log = Path(run.tasks["exit-handler-1/train"].log).read_text()
     assert "Traceback" not in log
+    # The exit handler got COMPLETE, the backend's state (backend/src/v2/driver/resolve.go
+    # at 2.14.0-2.17.0), and closed the MLflow parent run FINISHED.
+    assert run.tasks["exit-handler-1"].state == "COMPLETE"
+    assert run.tasks["finalize"].state == "COMPLETE"
+    assert parent_run(names["mlflow_experiment"], run.run_id).info.status == "FINISHED"
 
     champion = MlflowClient().get_model_version_by_alias(names["model_name"], "champion")
     assert champion.version == outcome["version"]
